@@ -1,0 +1,60 @@
+# The two commands a new machine needs: `make run` and `make test`. Everything else is
+# a building block of those, or a check CI runs.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: run test test-sqlite lint typecheck schema check-schema token migrate bench clean
+
+$(PY):
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is needed"'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)
+
+## Serve on the embedded default (SQLite file, sandbox gateway) on 127.0.0.1:$${PORT:-8000}.
+run: $(STAMP)
+	$(PY) -m api
+
+## The whole suite: SQLite always; PostgreSQL too when TEST_DATABASE_URL is set.
+test: $(STAMP)
+	TEST_BACKEND=sqlite $(PY) -m pytest $(PYTEST_ARGS)
+	@if [ -n "$$TEST_DATABASE_URL" ]; then \
+	  echo "== the same suite on PostgreSQL ($$TEST_DATABASE_URL)"; \
+	  TEST_BACKEND=postgres $(PY) -m pytest $(PYTEST_ARGS); \
+	else echo "TEST_DATABASE_URL is not set: PostgreSQL run skipped"; fi
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+typecheck: $(STAMP)
+	$(PY) -m mypy
+
+## Regenerate schema.graphql from the code.
+schema: $(STAMP)
+	$(PY) -m strawberry export-schema api.schema:schema --output schema.graphql
+
+## Print a development token: make token ACCOUNT=acme ROLES=ADMIN
+check-schema: $(STAMP)
+	$(PY) -m strawberry export-schema api.schema:schema --output $(VENV)/schema.check.graphql
+	diff -u schema.graphql $(VENV)/schema.check.graphql
+
+token: $(STAMP)
+	@$(PY) -m api.devtoken --account $${ACCOUNT:-acme} --user $${USER_ID:-admin-1} --roles $${ROLES:-ADMIN} --email $${EMAIL:-admin@example.com}
+
+migrate: $(STAMP)
+	$(PY) -m api --migrate-only
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The HTTP side: Starlette app, Strawberry GraphQL schema, authentication."""

@@ -1,0 +1,77 @@
+"""Per-request context: who is calling, the gateway, the price book and the data loaders."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from graphql import GraphQLError
+from strawberry.dataloader import DataLoader
+
+from api.auth import Principal
+from billing.enums import Role
+from billing.gateways import PaymentGateway
+from billing.models import Card, Member, Payment
+from billing.pricing import PriceBook
+from billing.settings import Settings
+
+
+def forbidden(message: str = "You may not do this.") -> GraphQLError:
+    return GraphQLError(message, extensions={"code": "FORBIDDEN"})
+
+
+def bad_input(message: str) -> GraphQLError:
+    return GraphQLError(message, extensions={"code": "BAD_USER_INPUT"})
+
+
+async def _load_cards(ids: Sequence[uuid.UUID]) -> list[Card | None]:
+    found = {c.id: c for c in await Card.filter(id__in=list(set(ids)))}
+    return [found.get(i) for i in ids]
+
+
+async def _load_payments(ids: Sequence[uuid.UUID]) -> list[Payment | None]:
+    found = {p.id: p for p in await Payment.filter(id__in=list(set(ids)))}
+    return [found.get(i) for i in ids]
+
+
+async def _load_members(keys: Sequence[tuple[str, str]]) -> list[Member | None]:
+    accounts = {a for a, _ in keys}
+    users = {u for _, u in keys}
+    rows = await Member.filter(account_id__in=list(accounts), user_id__in=list(users))
+    found = {(m.account_id, m.user_id): m for m in rows}
+    return [found.get(k) for k in keys]
+
+
+@dataclass
+class Context:
+    principal: Principal
+    settings: Settings
+    gateway: PaymentGateway
+    book: PriceBook
+    request: Any = None
+    response: Any = None
+    cards: DataLoader[uuid.UUID, Card | None] = field(
+        default_factory=lambda: DataLoader(load_fn=_load_cards)
+    )
+    payments: DataLoader[uuid.UUID, Payment | None] = field(
+        default_factory=lambda: DataLoader(load_fn=_load_payments)
+    )
+    members: DataLoader[tuple[str, str], Member | None] = field(
+        default_factory=lambda: DataLoader(load_fn=_load_members)
+    )
+
+    def require(self, *roles: Role) -> None:
+        if not self.principal.has(*roles):
+            names = " or ".join(r.value for r in roles)
+            raise forbidden(f"This needs the {names} role.")
+
+    @property
+    def is_staff(self) -> bool:
+        return self.principal.has(Role.BILLING_STAFF)
+
+    def own_account_or_forbidden(self, account_id: str) -> None:
+        """A non-staff caller acts only on the account its token names."""
+        if account_id != self.principal.account_id and not self.is_staff:
+            raise forbidden("You may act only on your own account.")

@@ -1,0 +1,523 @@
+"""The GraphQL schema: queries and mutations. Resolvers parse, call one billing function,
+and map the result; expected failures come back in ``errors``."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import strawberry
+from graphql import GraphQLError
+from strawberry.extensions import MaskErrors, ParserCache, ValidationCache
+from tortoise.transactions import in_transaction
+
+from api import ids
+from api.context import bad_input, forbidden
+from api.types import (
+    AutoRecharge,
+    AutoRechargeTrigger,
+    BillingAddressInput,
+    Card,
+    CreditAccount,
+    CreditPricing,
+    CreditTransaction,
+    CtxInfo,
+    MeteredUsage,
+    Payment,
+    ProcessType,
+    Role,
+    UserError,
+    Viewer,
+    card_or_none,
+    transaction_or_none,
+)
+from billing import autorecharge, cards, purchases, usage
+from billing.accounts import get_account
+from billing.enums import Role as R
+from billing.errors import BillingError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+async def attempt(work: Callable[[], Awaitable[T]]) -> T | list[UserError]:
+    """Run ``work``; an expected failure becomes the payload's errors (nothing written)."""
+    try:
+        return await work()
+    except BillingError as exc:
+        return [UserError.of(e) for e in exc.errors]
+
+
+async def in_tx(work: Callable[[], Awaitable[T]]) -> T:
+    async with in_transaction():
+        return await work()
+
+
+# ---------------------------------------------------------------- inputs and payloads
+
+
+@strawberry.input
+class AddCardInput:
+    payment_method_id: str
+    make_primary: bool | None = False
+
+
+@strawberry.input
+class UpdateCardInput:
+    card_id: strawberry.ID
+    exp_month: int | None = None
+    exp_year: int | None = None
+    cardholder_name: str | None = None
+    billing_address: BillingAddressInput | None = None
+
+
+@strawberry.input
+class CardIdInput:
+    card_id: strawberry.ID
+
+
+@strawberry.type
+class CardPayload:
+    card: Card | None = None
+    errors: list[UserError] = strawberry.field(default_factory=list)
+
+
+@strawberry.type
+class RemoveCardPayload:
+    removed_card_id: strawberry.ID | None = None
+    primary_card: Card | None = None
+    errors: list[UserError] = strawberry.field(default_factory=list)
+
+
+@strawberry.input
+class PurchaseCreditsInput:
+    credits: int
+    idempotency_key: str
+    card_id: strawberry.ID | None = strawberry.UNSET
+
+
+@strawberry.type
+class PurchaseCreditsPayload:
+    payment: Payment | None = None
+    transaction: CreditTransaction | None = None
+    balance: int | None = None
+    errors: list[UserError] = strawberry.field(default_factory=list)
+
+
+@strawberry.input
+class AutoRechargeInput:
+    enabled: bool
+    trigger: AutoRechargeTrigger | None = None
+    interval_days: int | None = None
+    threshold_credits: int | None = None
+    recharge_credits: int | None = None
+    use_primary_card: bool | None = True
+    card_id: strawberry.ID | None = strawberry.UNSET
+    notify: bool | None = False
+    notify_emails: list[str] | None = None
+    monthly_limit_credits: int | None = None
+
+
+@strawberry.type
+class AutoRechargePayload:
+    auto_recharge: AutoRecharge | None = None
+    errors: list[UserError] = strawberry.field(default_factory=list)
+
+
+@strawberry.input
+class ConsumeCreditsInput:
+    account_id: strawberry.ID
+    user_id: strawberry.ID
+    process_type: ProcessType
+    quantity: int
+    idempotency_key: str
+    reference: str | None = None
+
+
+@strawberry.type
+class ConsumeCreditsPayload:
+    transaction: CreditTransaction | None = None
+    balance: int | None = None
+    free_units_applied: int = 0
+    errors: list[UserError] = strawberry.field(default_factory=list)
+
+
+@strawberry.input
+class ReverseUsageInput:
+    transaction_id: strawberry.ID
+    reason: str
+    idempotency_key: str
+
+
+@strawberry.type
+class CreditTransactionPayload:
+    transaction: CreditTransaction | None = None
+    balance: int | None = None
+    errors: list[UserError] = strawberry.field(default_factory=list)
+
+
+@strawberry.input
+class RecordMeteredUsageInput:
+    account_id: strawberry.ID
+    user_id: strawberry.ID
+    process_type: ProcessType
+    quantity: int
+    idempotency_key: str
+    reference: str | None = None
+
+
+@strawberry.type
+class MeteredUsagePayload:
+    usage: MeteredUsage | None = None
+    errors: list[UserError] = strawberry.field(default_factory=list)
+
+
+@strawberry.input
+class GrantCreditsInput:
+    account_id: strawberry.ID
+    credits: int
+    reason: str
+    idempotency_key: str
+
+
+# ---------------------------------------------------------------- queries
+
+
+@strawberry.type
+class Query:
+    @strawberry.field
+    def viewer(self, info: CtxInfo) -> Viewer:
+        p = info.context.principal
+        return Viewer(
+            user_id=strawberry.ID(p.user_id),
+            account_id=strawberry.ID(p.account_id),
+            roles=sorted(p.roles, key=lambda r: list(R).index(r)),
+            email=p.email,
+            name=p.name,
+        )
+
+    @strawberry.field
+    def credit_pricing(self, info: CtxInfo) -> CreditPricing:
+        return CreditPricing.of(info.context.book)
+
+    @strawberry.field
+    async def credit_account(
+        self, info: CtxInfo, account_id: strawberry.ID | None = None
+    ) -> CreditAccount:
+        ctx = info.context
+        p = ctx.principal
+        if account_id is None or (account_id == p.account_id and p.has(R.ADMIN)):
+            if account_id is None and not p.has(R.ADMIN):
+                if p.has(R.BILLING_STAFF):
+                    raise bad_input("Billing staff must name an accountId.")
+                raise forbidden("Only account admins may see the account's credits.")
+            target = p.account_id
+        elif p.has(R.BILLING_STAFF):
+            target = str(account_id)
+            if not 0 < len(target) <= 64:
+                raise bad_input("accountId must be 1 to 64 characters")
+        else:
+            raise forbidden("You may see only your own account.")
+        return CreditAccount(model=await get_account(target))
+
+
+# ---------------------------------------------------------------- mutations
+
+
+def _card_id(raw: strawberry.ID | None) -> uuid.UUID | None:
+    return ids.decode("Card", str(raw)) if raw else None
+
+
+def _scope(info: CtxInfo) -> str | None:
+    """Whose cards the caller may touch: its own account, or (staff) any."""
+    ctx = info.context
+    return None if ctx.is_staff else ctx.principal.account_id
+
+
+@strawberry.type
+class Mutation:
+    @strawberry.mutation
+    async def add_card(self, info: CtxInfo, input: AddCardInput) -> CardPayload:
+        ctx = info.context
+        ctx.require(R.ADMIN)
+        result = await attempt(
+            lambda: cards.add_card(
+                ctx.gateway,
+                account_id=ctx.principal.account_id,
+                payment_method_id=input.payment_method_id,
+                make_primary=bool(input.make_primary),
+            )
+        )
+        if isinstance(result, list):
+            return CardPayload(errors=result)
+        return CardPayload(card=Card(model=result))
+
+    @strawberry.mutation
+    async def update_card(self, info: CtxInfo, input: UpdateCardInput) -> CardPayload:
+        ctx = info.context
+        ctx.require(R.ADMIN, R.BILLING_STAFF)
+        address = input.billing_address
+        result = await attempt(
+            lambda: in_tx(
+                lambda: cards.update(
+                    ctx.gateway,
+                    card_id=_card_id(input.card_id),
+                    scope_account_id=_scope(info),
+                    exp_month=input.exp_month,
+                    exp_year=input.exp_year,
+                    cardholder_name=input.cardholder_name,
+                    address=cards.AddressInput(
+                        address.line1,
+                        address.line2,
+                        address.city,
+                        address.state,
+                        address.postal_code,
+                        address.country,
+                    )
+                    if address is not None
+                    else None,
+                )
+            )
+        )
+        if isinstance(result, list):
+            return CardPayload(errors=result)
+        return CardPayload(card=Card(model=result))
+
+    @strawberry.mutation
+    async def set_primary_card(self, info: CtxInfo, input: CardIdInput) -> CardPayload:
+        ctx = info.context
+        ctx.require(R.ADMIN, R.BILLING_STAFF)
+        result = await attempt(
+            lambda: in_tx(
+                lambda: cards.set_primary(
+                    ctx.gateway, card_id=_card_id(input.card_id), scope_account_id=_scope(info)
+                )
+            )
+        )
+        if isinstance(result, list):
+            return CardPayload(errors=result)
+        return CardPayload(card=Card(model=result))
+
+    @strawberry.mutation
+    async def remove_card(self, info: CtxInfo, input: CardIdInput) -> RemoveCardPayload:
+        ctx = info.context
+        ctx.require(R.ADMIN, R.BILLING_STAFF)
+        result = await attempt(
+            lambda: cards.remove_card(
+                ctx.gateway,
+                card_id=_card_id(input.card_id),
+                scope_account_id=_scope(info),
+                is_staff=ctx.is_staff,
+            )
+        )
+        if isinstance(result, list):
+            return RemoveCardPayload(errors=result)
+        return RemoveCardPayload(
+            removed_card_id=strawberry.ID(ids.encode("Card", result.card.id)),
+            primary_card=card_or_none(result.primary),
+        )
+
+    @strawberry.mutation
+    async def purchase_credits(
+        self,
+        info: CtxInfo,
+        input: PurchaseCreditsInput,
+    ) -> PurchaseCreditsPayload:
+        ctx = info.context
+        ctx.require(R.ADMIN)
+        given = input.card_id is not strawberry.UNSET and input.card_id is not None
+        result = await attempt(
+            lambda: purchases.purchase_credits(
+                ctx.gateway,
+                ctx.book,
+                account_id=ctx.principal.account_id,
+                user_id=ctx.principal.user_id,
+                credits=input.credits,
+                card_id=_card_id(input.card_id) if given else None,
+                card_id_given=given,
+                idempotency_key=input.idempotency_key,
+            )
+        )
+        if isinstance(result, list):
+            return PurchaseCreditsPayload(errors=result)
+        return PurchaseCreditsPayload(
+            payment=Payment(model=result.payment),
+            transaction=transaction_or_none(result.entry),
+            balance=result.balance,
+            errors=[UserError.of(e) for e in result.errors],
+        )
+
+    @strawberry.mutation
+    async def update_auto_recharge(
+        self,
+        info: CtxInfo,
+        input: AutoRechargeInput,
+    ) -> AutoRechargePayload:
+        ctx = info.context
+        ctx.require(R.ADMIN)
+        given = input.card_id is not strawberry.UNSET and input.card_id is not None
+        data = autorecharge.AutoRechargeInput(
+            enabled=input.enabled,
+            trigger=input.trigger,
+            interval_days=input.interval_days,
+            threshold_credits=input.threshold_credits,
+            recharge_credits=input.recharge_credits,
+            use_primary_card=input.use_primary_card is not False,
+            card_id=_card_id(input.card_id) if given else None,
+            card_id_given=given,
+            notify=bool(input.notify),
+            notify_emails=input.notify_emails,
+            monthly_limit_credits=input.monthly_limit_credits,
+        )
+        result = await attempt(
+            lambda: in_tx(
+                lambda: autorecharge.update_auto_recharge(ctx.book, ctx.principal.account_id, data)
+            )
+        )
+        if isinstance(result, list):
+            return AutoRechargePayload(errors=result)
+        return AutoRechargePayload(auto_recharge=AutoRecharge(model=result))
+
+    @strawberry.mutation
+    async def consume_credits(
+        self,
+        info: CtxInfo,
+        input: ConsumeCreditsInput,
+    ) -> ConsumeCreditsPayload:
+        ctx = info.context
+        ctx.require(R.SERVICE)
+        ctx.own_account_or_forbidden(str(input.account_id))
+        result = await attempt(
+            lambda: in_tx(
+                lambda: usage.consume(
+                    ctx.book,
+                    account_id=str(input.account_id),
+                    user_id=str(input.user_id),
+                    process_type=input.process_type,
+                    quantity=input.quantity,
+                    reference=input.reference,
+                    idempotency_key=input.idempotency_key,
+                )
+            )
+        )
+        if isinstance(result, list):
+            return ConsumeCreditsPayload(errors=result)
+        return ConsumeCreditsPayload(
+            transaction=transaction_or_none(result.entry),
+            balance=result.balance,
+            free_units_applied=result.free_units_applied,
+        )
+
+    @strawberry.mutation
+    async def reverse_usage(
+        self,
+        info: CtxInfo,
+        input: ReverseUsageInput,
+    ) -> CreditTransactionPayload:
+        ctx = info.context
+        ctx.require(R.SERVICE, R.BILLING_STAFF)
+        result = await attempt(
+            lambda: in_tx(
+                lambda: usage.reverse_usage(
+                    entry_id=ids.decode("CreditTransaction", str(input.transaction_id)),
+                    reason=input.reason,
+                    idempotency_key=input.idempotency_key,
+                    user_id=ctx.principal.user_id,
+                    scope_account_id=_scope(info),
+                )
+            )
+        )
+        if isinstance(result, list):
+            return CreditTransactionPayload(errors=result)
+        return CreditTransactionPayload(
+            transaction=CreditTransaction(model=result.entry), balance=result.balance
+        )
+
+    @strawberry.mutation
+    async def record_metered_usage(
+        self,
+        info: CtxInfo,
+        input: RecordMeteredUsageInput,
+    ) -> MeteredUsagePayload:
+        ctx = info.context
+        ctx.require(R.SERVICE)
+        ctx.own_account_or_forbidden(str(input.account_id))
+        result = await attempt(
+            lambda: in_tx(
+                lambda: usage.record_metered(
+                    ctx.book,
+                    account_id=str(input.account_id),
+                    user_id=str(input.user_id),
+                    process_type=input.process_type,
+                    quantity=input.quantity,
+                    reference=input.reference,
+                    idempotency_key=input.idempotency_key,
+                )
+            )
+        )
+        if isinstance(result, list):
+            return MeteredUsagePayload(errors=result)
+        return MeteredUsagePayload(usage=MeteredUsage(model=result))
+
+    @strawberry.mutation
+    async def grant_credits(
+        self,
+        info: CtxInfo,
+        input: GrantCreditsInput,
+    ) -> CreditTransactionPayload:
+        return await _staff_credits(info, input, adjust=False)
+
+    @strawberry.mutation
+    async def adjust_credits(
+        self,
+        info: CtxInfo,
+        input: GrantCreditsInput,
+    ) -> CreditTransactionPayload:
+        return await _staff_credits(info, input, adjust=True)
+
+
+async def _staff_credits(
+    info: CtxInfo,
+    input: GrantCreditsInput,
+    *,
+    adjust: bool,
+) -> CreditTransactionPayload:
+    ctx = info.context
+    ctx.require(R.BILLING_STAFF)
+    result = await attempt(
+        lambda: in_tx(
+            lambda: usage.grant_or_adjust(
+                account_id=str(input.account_id),
+                credits=input.credits,
+                reason=input.reason,
+                idempotency_key=input.idempotency_key,
+                user_id=ctx.principal.user_id,
+                adjust=adjust,
+            )
+        )
+    )
+    if isinstance(result, list):
+        return CreditTransactionPayload(errors=result)
+    return CreditTransactionPayload(
+        transaction=CreditTransaction(model=result.entry), balance=result.balance
+    )
+
+
+def should_mask_error(error: GraphQLError) -> bool:
+    """Mask unexpected exceptions; keep GraphQL's own errors and our coded ones."""
+    original = error.original_error
+    return original is not None and not isinstance(original, GraphQLError)
+
+
+schema = strawberry.Schema(
+    query=Query,
+    mutation=Mutation,
+    types=[Role],
+    extensions=[
+        ParserCache,
+        ValidationCache,
+        lambda: MaskErrors(should_mask_error=should_mask_error, error_message="Internal error."),
+    ],
+)

@@ -1,0 +1,84 @@
+"""Accounts are provisioned lazily: the first token or call that names one creates it."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from tortoise.backends.base.client import TransactionalDBClient
+
+from billing import sql
+from billing.errors import Validator
+from billing.models import Account, Member
+
+MAX_ACCOUNT_ID = 64
+MAX_USER_ID = 128
+
+_known_accounts: OrderedDict[str, None] = OrderedDict()
+_KNOWN_LIMIT = 50_000
+
+
+def _id_ok(value: str, limit: int) -> bool:
+    return 0 < len(value) <= limit and value.isprintable() and value.strip() == value
+
+
+def validate_account_id(v: Validator, account_id: str, *field: str) -> None:
+    if not _id_ok(account_id, MAX_ACCOUNT_ID):
+        v.add(f"accountId must be 1 to {MAX_ACCOUNT_ID} printable characters", *field)
+
+
+def validate_user_id(v: Validator, user_id: str, *field: str) -> None:
+    if not _id_ok(user_id, MAX_USER_ID):
+        v.add(f"userId must be 1 to {MAX_USER_ID} printable characters", *field)
+
+
+async def ensure_account(account_id: str) -> None:
+    """Create the account at a zero balance unless it exists (cached per process)."""
+    if account_id in _known_accounts:
+        _known_accounts.move_to_end(account_id)
+        return
+    conn = sql.connection()
+    await sql.execute(
+        "INSERT INTO credit_account (id, balance, timezone, created_at) VALUES (?, 0, 'UTC', ?) "
+        "ON CONFLICT (id) DO NOTHING",
+        account_id,
+        sql.db_time(conn, sql.now()),
+    )
+    if not isinstance(conn, TransactionalDBClient):
+        # Inside a transaction the row may still roll back: only cache committed ones.
+        _remember(account_id)
+
+
+def _remember(account_id: str) -> None:
+    _known_accounts[account_id] = None
+    if len(_known_accounts) > _KNOWN_LIMIT:
+        _known_accounts.popitem(last=False)
+
+
+def forget_cached_accounts() -> None:
+    """For tests that drop and recreate databases."""
+    _known_accounts.clear()
+
+
+async def get_account(account_id: str) -> Account:
+    await ensure_account(account_id)
+    return await Account.get(id=account_id)
+
+
+async def record_member(
+    account_id: str, user_id: str, email: str | None, name: str | None, *, is_admin: bool
+) -> None:
+    """Remember who a user is (for history and notices); one upsert per change."""
+    await ensure_account(account_id)
+    member, created = await Member.get_or_create(
+        account_id=account_id,
+        user_id=user_id,
+        defaults={"email": email, "name": name, "is_admin": is_admin},
+    )
+    if not created and (member.email, member.name, member.is_admin) != (email, name, is_admin):
+        member.email, member.name, member.is_admin = email, name, is_admin
+        await member.save(update_fields=["email", "name", "is_admin", "updated_at"])
+
+
+async def admin_emails(account_id: str) -> list[str]:
+    rows = await Member.filter(account_id=account_id, is_admin=True).exclude(email=None)
+    return [m.email for m in rows if m.email]

@@ -1,0 +1,119 @@
+"""The credit ledger: append-only entries, each with the balance after it.
+
+Every movement is one conditional ``UPDATE`` of the account's balance (which takes the
+row lock on PostgreSQL; SQLite serialises writers) followed by the entry's ``INSERT``,
+in the caller's transaction. A debit is ``... WHERE balance + credits >= 0``: it can
+never overdraw, however many run at once.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from billing import sql
+from billing.enums import ErrorCode, ProcessType, TransactionType
+from billing.errors import fail
+from billing.models import LedgerEntry
+
+MAX_CREDITS_PER_ENTRY = 100_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Movement:
+    account_id: str
+    credits: int
+    type: TransactionType
+    process_type: ProcessType
+    description: str
+    user_id: str | None = None
+    reference: str | None = None
+    quantity: int | None = None
+    payment_id: uuid.UUID | None = None
+    reverses_entry_id: uuid.UUID | None = None
+    entry_id: uuid.UUID | None = None
+
+
+async def post(movement: Movement) -> LedgerEntry:
+    """Apply ``movement`` to the balance and append its entry. Caller owns the transaction.
+
+    Raises ``INSUFFICIENT_CREDITS`` (and changes nothing) when a debit would go below zero.
+    """
+    if movement.credits == 0 or abs(movement.credits) > MAX_CREDITS_PER_ENTRY:
+        raise ValueError(f"ledger movement of {movement.credits} credits")
+    conn = sql.connection()
+    if movement.credits < 0:
+        rows = await sql.fetch(
+            "UPDATE credit_account SET balance = balance + ? "
+            "WHERE id = ? AND balance + ? >= 0 RETURNING balance",
+            movement.credits,
+            movement.account_id,
+            movement.credits,
+        )
+        if not rows:
+            raise fail(
+                ErrorCode.INSUFFICIENT_CREDITS,
+                f"The balance does not cover {-movement.credits} credits.",
+            )
+    else:
+        rows = await sql.fetch(
+            "UPDATE credit_account SET balance = balance + ? WHERE id = ? RETURNING balance",
+            movement.credits,
+            movement.account_id,
+        )
+        if not rows:
+            raise LookupError(f"account {movement.account_id} does not exist")
+    balance_after = int(rows[0]["balance"])
+    entry_id = movement.entry_id or uuid.uuid4()
+    created_at = sql.now()  # taken under the row lock: per account, time order == lock order
+    await sql.execute(
+        "INSERT INTO ledger_entry (id, account_id, created_at, type, process_type, credits, "
+        "balance_after, quantity, user_id, description, reference, payment_id, reverses_entry_id) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        str(entry_id) if not sql.is_postgres(conn) else entry_id,
+        movement.account_id,
+        sql.db_time(conn, created_at),
+        movement.type.value,
+        movement.process_type.value,
+        movement.credits,
+        balance_after,
+        movement.quantity,
+        movement.user_id,
+        movement.description,
+        movement.reference,
+        _uuid_param(conn, movement.payment_id),
+        _uuid_param(conn, movement.reverses_entry_id),
+    )
+    return LedgerEntry(
+        id=entry_id,
+        account_id=movement.account_id,
+        created_at=created_at,
+        type=movement.type,
+        process_type=movement.process_type,
+        credits=movement.credits,
+        balance_after=balance_after,
+        quantity=movement.quantity,
+        user_id=movement.user_id,
+        description=movement.description,
+        reference=movement.reference,
+        payment_id=movement.payment_id,
+        reverses_entry_id=movement.reverses_entry_id,
+    )
+
+
+def _uuid_param(conn: object, value: uuid.UUID | None) -> object:
+    if value is None:
+        return None
+    return value if sql.is_postgres(conn) else str(value)  # type: ignore[arg-type]
+
+
+async def balance_of(account_id: str) -> int:
+    rows = await sql.fetch("SELECT balance FROM credit_account WHERE id = ?", account_id)
+    return int(rows[0]["balance"]) if rows else 0
+
+
+async def lock_account(account_id: str) -> None:
+    """Serialise writers of one account (PostgreSQL row lock; SQLite serialises anyway)."""
+    conn = sql.connection()
+    if sql.is_postgres(conn):
+        await sql.fetch("SELECT id FROM credit_account WHERE id = ? FOR UPDATE", account_id)

@@ -1,0 +1,172 @@
+from tortoise import migrations
+from tortoise.migrations import operations as ops
+import functools
+from billing.enums import AutoRechargeTrigger, PaymentKind, PaymentStatus, ProcessType, TransactionType
+from json import dumps, loads
+from tortoise.fields.base import OnDelete
+from uuid import uuid4
+from tortoise import fields
+from tortoise.indexes import Index
+
+class Migration(migrations.Migration):
+    initial = True
+
+    operations = [
+        ops.CreateModel(
+            name='Account',
+            fields=[
+                ('id', fields.CharField(primary_key=True, unique=True, db_index=True, max_length=64)),
+                ('balance', fields.BigIntField(default=0)),
+                ('timezone', fields.CharField(default='UTC', max_length=64)),
+                ('gateway_customer_id', fields.CharField(null=True, max_length=255)),
+                ('created_at', fields.DatetimeField(auto_now=False, auto_now_add=True)),
+            ],
+            options={'table': 'credit_account', 'app': 'billing', 'pk_attr': 'id', 'table_description': "A customer account, mirrored lazily from the platform's identity."},
+            bases=['Model'],
+        ),
+        ops.CreateModel(
+            name='Card',
+            fields=[
+                ('id', fields.UUIDField(primary_key=True, default=uuid4, unique=True, db_index=True)),
+                ('account', fields.ForeignKeyField('billing.Account', source_field='account_id', db_constraint=True, to_field='id', related_name='cards', on_delete=OnDelete.RESTRICT)),
+                ('gateway_payment_method_id', fields.CharField(max_length=255)),
+                ('brand', fields.CharField(max_length=32)),
+                ('last4', fields.CharField(max_length=4)),
+                ('exp_month', fields.SmallIntField()),
+                ('exp_year', fields.SmallIntField()),
+                ('cardholder_name', fields.CharField(null=True, max_length=200)),
+                ('address_line1', fields.CharField(null=True, max_length=200)),
+                ('address_line2', fields.CharField(null=True, max_length=200)),
+                ('address_city', fields.CharField(null=True, max_length=200)),
+                ('address_state', fields.CharField(null=True, max_length=200)),
+                ('address_postal_code', fields.CharField(null=True, max_length=32)),
+                ('address_country', fields.CharField(null=True, max_length=2)),
+                ('is_primary', fields.BooleanField(default=False)),
+                ('created_at', fields.DatetimeField(auto_now=False, auto_now_add=False)),
+                ('removed_at', fields.DatetimeField(null=True, auto_now=False, auto_now_add=False)),
+            ],
+            options={'table': 'card', 'app': 'billing', 'indexes': [Index(fields=['account_id', 'removed_at', 'created_at'])], 'pk_attr': 'id', 'table_description': 'A card on file: a gateway PaymentMethod id plus display details, never the number.'},
+            bases=['Model'],
+        ),
+        ops.CreateModel(
+            name='AutoRechargeSetting',
+            fields=[
+                ('account', fields.OneToOneField('billing.Account', source_field='account_id', primary_key=True, db_index=True, db_constraint=True, to_field='id', related_name='auto_recharge', on_delete=OnDelete.RESTRICT)),
+                ('enabled', fields.BooleanField(default=False)),
+                ('trigger', fields.CharEnumField(null=True, description='SCHEDULE: SCHEDULE\nTHRESHOLD: THRESHOLD', enum_type=AutoRechargeTrigger, max_length=16)),
+                ('interval_days', fields.IntField(null=True)),
+                ('threshold_credits', fields.BigIntField(null=True)),
+                ('recharge_credits', fields.BigIntField(null=True)),
+                ('use_primary_card', fields.BooleanField(default=True)),
+                ('card', fields.ForeignKeyField('billing.Card', source_field='card_id', null=True, db_constraint=True, to_field='id', related_name='auto_recharge_settings', on_delete=OnDelete.RESTRICT)),
+                ('notify', fields.BooleanField(default=False)),
+                ('notify_emails', fields.JSONField(default=list, encoder=functools.partial(dumps, separators=(',', ':')), decoder=loads)),
+                ('monthly_limit_credits', fields.BigIntField(null=True)),
+                ('next_run_at', fields.DatetimeField(null=True, auto_now=False, auto_now_add=False)),
+                ('last_run_at', fields.DatetimeField(null=True, auto_now=False, auto_now_add=False)),
+                ('consecutive_failures', fields.IntField(default=0)),
+                ('paused_reason', fields.CharField(null=True, max_length=500)),
+                ('updated_at', fields.DatetimeField(auto_now=True, auto_now_add=False)),
+            ],
+            options={'table': 'auto_recharge_setting', 'app': 'billing', 'indexes': [Index(fields=['enabled', 'trigger', 'next_run_at'])], 'pk_attr': 'account_id', 'table_description': "An account's auto-recharge setting (one row per account once it has been saved)."},
+            bases=['Model'],
+        ),
+        ops.CreateModel(
+            name='FreeQuotaUsage',
+            fields=[
+                ('id', fields.BigIntField(generated=True, primary_key=True, unique=True, db_index=True)),
+                ('account', fields.ForeignKeyField('billing.Account', source_field='account_id', db_constraint=True, to_field='id', related_name='free_quota_usage', on_delete=OnDelete.RESTRICT)),
+                ('process_type', fields.CharEnumField(description='MANUAL_PURCHASE: MANUAL_PURCHASE\nAUTO_RECHARGE: AUTO_RECHARGE\nHANDWRITTEN_LETTER: HANDWRITTEN_LETTER\nPOSTCARD: POSTCARD\nADVANCED_EMAIL_TEST: ADVANCED_EMAIL_TEST\nSOCIAL_MEDIA_APPEND: SOCIAL_MEDIA_APPEND\nSMART_MATCH: SMART_MATCH\nPREMIUM_AUDIO_TRANSCRIPTION: PREMIUM_AUDIO_TRANSCRIPTION\nBUSINESS_CARD_TRANSCRIPTION: BUSINESS_CARD_TRANSCRIPTION\nPROSPECT_SEARCH: PROSPECT_SEARCH\nADMINISTRATIVE: ADMINISTRATIVE', enum_type=ProcessType, max_length=32)),
+                ('period_start', fields.DatetimeField(auto_now=False, auto_now_add=False)),
+                ('used', fields.IntField(default=0)),
+            ],
+            options={'table': 'free_quota_usage', 'app': 'billing', 'unique_together': (('account', 'process_type', 'period_start'),), 'pk_attr': 'id', 'table_description': "Free units used of a process's monthly allowance, one row per account, process, month."},
+            bases=['Model'],
+        ),
+        ops.CreateModel(
+            name='IdempotencyRecord',
+            fields=[
+                ('id', fields.BigIntField(generated=True, primary_key=True, unique=True, db_index=True)),
+                ('account', fields.ForeignKeyField('billing.Account', source_field='account_id', db_constraint=True, to_field='id', related_name='idempotency_records', on_delete=OnDelete.RESTRICT)),
+                ('key', fields.CharField(max_length=255)),
+                ('operation', fields.CharField(max_length=64)),
+                ('fingerprint', fields.CharField(max_length=64)),
+                ('result', fields.JSONField(encoder=functools.partial(dumps, separators=(',', ':')), decoder=loads)),
+                ('created_at', fields.DatetimeField(auto_now=False, auto_now_add=False)),
+            ],
+            options={'table': 'idempotency_record', 'app': 'billing', 'unique_together': (('account', 'key'),), 'pk_attr': 'id', 'table_description': 'What a keyed write did, so a retry replays it and a different request is refused.'},
+            bases=['Model'],
+        ),
+        ops.CreateModel(
+            name='Member',
+            fields=[
+                ('id', fields.BigIntField(generated=True, primary_key=True, unique=True, db_index=True)),
+                ('account', fields.ForeignKeyField('billing.Account', source_field='account_id', db_constraint=True, to_field='id', related_name='members', on_delete=OnDelete.RESTRICT)),
+                ('user_id', fields.CharField(max_length=128)),
+                ('email', fields.CharField(null=True, max_length=320)),
+                ('name', fields.CharField(null=True, max_length=200)),
+                ('is_admin', fields.BooleanField(default=False)),
+                ('updated_at', fields.DatetimeField(auto_now=True, auto_now_add=False)),
+            ],
+            options={'table': 'member', 'app': 'billing', 'unique_together': (('account', 'user_id'),), 'pk_attr': 'id', 'table_description': 'A user seen on a signed token (or named by a service), for history and notices.'},
+            bases=['Model'],
+        ),
+        ops.CreateModel(
+            name='MeteredUsage',
+            fields=[
+                ('id', fields.UUIDField(primary_key=True, default=uuid4, unique=True, db_index=True)),
+                ('account', fields.ForeignKeyField('billing.Account', source_field='account_id', db_constraint=True, to_field='id', related_name='metered_usage', on_delete=OnDelete.RESTRICT)),
+                ('user_id', fields.CharField(max_length=128)),
+                ('process_type', fields.CharEnumField(description='MANUAL_PURCHASE: MANUAL_PURCHASE\nAUTO_RECHARGE: AUTO_RECHARGE\nHANDWRITTEN_LETTER: HANDWRITTEN_LETTER\nPOSTCARD: POSTCARD\nADVANCED_EMAIL_TEST: ADVANCED_EMAIL_TEST\nSOCIAL_MEDIA_APPEND: SOCIAL_MEDIA_APPEND\nSMART_MATCH: SMART_MATCH\nPREMIUM_AUDIO_TRANSCRIPTION: PREMIUM_AUDIO_TRANSCRIPTION\nBUSINESS_CARD_TRANSCRIPTION: BUSINESS_CARD_TRANSCRIPTION\nPROSPECT_SEARCH: PROSPECT_SEARCH\nADMINISTRATIVE: ADMINISTRATIVE', enum_type=ProcessType, max_length=32)),
+                ('quantity', fields.IntField()),
+                ('unit_cents', fields.IntField()),
+                ('amount_cents', fields.BigIntField()),
+                ('reference', fields.CharField(null=True, max_length=255)),
+                ('created_at', fields.DatetimeField(auto_now=False, auto_now_add=False)),
+            ],
+            options={'table': 'metered_usage', 'app': 'billing', 'indexes': [Index(fields=['account_id', 'created_at'])], 'pk_attr': 'id', 'table_description': 'A metered (invoiced monthly) use, priced in cents when it is recorded.'},
+            bases=['Model'],
+        ),
+        ops.CreateModel(
+            name='Payment',
+            fields=[
+                ('id', fields.UUIDField(primary_key=True, default=uuid4, unique=True, db_index=True)),
+                ('account', fields.ForeignKeyField('billing.Account', source_field='account_id', db_constraint=True, to_field='id', related_name='payments', on_delete=OnDelete.RESTRICT)),
+                ('card', fields.ForeignKeyField('billing.Card', source_field='card_id', null=True, db_constraint=True, to_field='id', related_name='payments', on_delete=OnDelete.RESTRICT)),
+                ('kind', fields.CharEnumField(description='PURCHASE: PURCHASE\nAUTO_RECHARGE: AUTO_RECHARGE\nINVOICE: INVOICE', enum_type=PaymentKind, max_length=16)),
+                ('status', fields.CharEnumField(description='PENDING: PENDING\nREQUIRES_ACTION: REQUIRES_ACTION\nSUCCEEDED: SUCCEEDED\nFAILED: FAILED\nREFUNDED: REFUNDED', enum_type=PaymentStatus, max_length=16)),
+                ('credits', fields.BigIntField()),
+                ('amount_cents', fields.BigIntField()),
+                ('currency', fields.CharField(max_length=3)),
+                ('gateway_payment_id', fields.CharField(null=True, unique=True, max_length=255)),
+                ('client_secret', fields.CharField(null=True, max_length=255)),
+                ('failure_code', fields.CharField(null=True, max_length=64)),
+                ('failure_message', fields.CharField(null=True, max_length=500)),
+                ('created_by', fields.CharField(null=True, max_length=128)),
+                ('created_at', fields.DatetimeField(auto_now=False, auto_now_add=False)),
+                ('updated_at', fields.DatetimeField(auto_now=False, auto_now_add=False)),
+            ],
+            options={'table': 'payment', 'app': 'billing', 'indexes': [Index(fields=['account_id', 'created_at']), Index(fields=['status', 'updated_at'])], 'pk_attr': 'id', 'table_description': 'One attempt to take money from a card, written before the gateway is called.'},
+            bases=['Model'],
+        ),
+        ops.CreateModel(
+            name='LedgerEntry',
+            fields=[
+                ('id', fields.UUIDField(primary_key=True, default=uuid4, unique=True, db_index=True)),
+                ('account', fields.ForeignKeyField('billing.Account', source_field='account_id', db_constraint=True, to_field='id', related_name='entries', on_delete=OnDelete.RESTRICT)),
+                ('created_at', fields.DatetimeField(auto_now=False, auto_now_add=False)),
+                ('type', fields.CharEnumField(description='PURCHASE: PURCHASE\nAUTO_RECHARGE: AUTO_RECHARGE\nUSAGE: USAGE\nREVERSAL: REVERSAL\nREFUND: REFUND\nGRANT: GRANT\nADJUSTMENT: ADJUSTMENT', enum_type=TransactionType, max_length=16)),
+                ('process_type', fields.CharEnumField(description='MANUAL_PURCHASE: MANUAL_PURCHASE\nAUTO_RECHARGE: AUTO_RECHARGE\nHANDWRITTEN_LETTER: HANDWRITTEN_LETTER\nPOSTCARD: POSTCARD\nADVANCED_EMAIL_TEST: ADVANCED_EMAIL_TEST\nSOCIAL_MEDIA_APPEND: SOCIAL_MEDIA_APPEND\nSMART_MATCH: SMART_MATCH\nPREMIUM_AUDIO_TRANSCRIPTION: PREMIUM_AUDIO_TRANSCRIPTION\nBUSINESS_CARD_TRANSCRIPTION: BUSINESS_CARD_TRANSCRIPTION\nPROSPECT_SEARCH: PROSPECT_SEARCH\nADMINISTRATIVE: ADMINISTRATIVE', enum_type=ProcessType, max_length=32)),
+                ('credits', fields.BigIntField()),
+                ('balance_after', fields.BigIntField()),
+                ('quantity', fields.IntField(null=True)),
+                ('user_id', fields.CharField(null=True, max_length=128)),
+                ('description', fields.CharField(max_length=500)),
+                ('reference', fields.CharField(null=True, max_length=255)),
+                ('payment', fields.ForeignKeyField('billing.Payment', source_field='payment_id', null=True, db_constraint=True, to_field='id', related_name='entries', on_delete=OnDelete.RESTRICT)),
+                ('reverses_entry_id', fields.UUIDField(null=True, unique=True)),
+            ],
+            options={'table': 'ledger_entry', 'app': 'billing', 'indexes': [Index(fields=['account_id', 'created_at', 'id']), Index(fields=['account_id', 'type', 'created_at', 'id']), Index(fields=['account_id', 'process_type', 'created_at', 'id']), Index(fields=['account_id', 'user_id', 'created_at', 'id'])], 'pk_attr': 'id', 'table_description': 'An append-only credit movement. credits is signed, balance_after is stored.'},
+            bases=['Model'],
+        ),
+    ]

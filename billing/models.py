@@ -1,0 +1,248 @@
+"""Tortoise ORM models. Credits and cents are integers, the ledger is append-only.
+
+Table and column names are fixed (db_table) because a few hot paths use raw SQL.
+"""
+
+from __future__ import annotations
+
+from tortoise import fields
+from tortoise.indexes import Index
+from tortoise.migrations.constraints import CheckConstraint
+from tortoise.models import Model
+
+from billing.enums import (
+    AutoRechargeTrigger,
+    PaymentKind,
+    PaymentStatus,
+    ProcessType,
+    TransactionType,
+)
+
+
+class Account(Model):
+    """A customer account, mirrored lazily from the platform's identity."""
+
+    id = fields.CharField(primary_key=True, max_length=64)
+    balance = fields.BigIntField(default=0)
+    timezone = fields.CharField(max_length=64, default="UTC")
+    gateway_customer_id = fields.CharField(max_length=255, null=True)
+    created_at = fields.DatetimeField(auto_now_add=True)
+
+    class Meta:
+        table = "credit_account"
+        constraints = (CheckConstraint(check="balance >= 0", name="credit_account_balance_nonneg"),)
+
+
+class Member(Model):
+    """A user seen on a signed token (or named by a service), for history and notices."""
+
+    id = fields.BigIntField(primary_key=True)
+    account: fields.ForeignKeyRelation[Account] = fields.ForeignKeyField(
+        "billing.Account", related_name="members", on_delete=fields.RESTRICT
+    )
+    account_id: str
+    user_id = fields.CharField(max_length=128)
+    email = fields.CharField(max_length=320, null=True)
+    name = fields.CharField(max_length=200, null=True)
+    is_admin = fields.BooleanField(default=False)
+    updated_at = fields.DatetimeField(auto_now=True)
+
+    class Meta:
+        table = "member"
+        unique_together = (("account", "user_id"),)
+
+
+class Card(Model):
+    """A card on file: a gateway PaymentMethod id plus display details, never the number."""
+
+    id = fields.UUIDField(primary_key=True)
+    account: fields.ForeignKeyRelation[Account] = fields.ForeignKeyField(
+        "billing.Account", related_name="cards", on_delete=fields.RESTRICT
+    )
+    account_id: str
+    gateway_payment_method_id = fields.CharField(max_length=255)
+    brand = fields.CharField(max_length=32)
+    last4 = fields.CharField(max_length=4)
+    exp_month = fields.SmallIntField()
+    exp_year = fields.SmallIntField()
+    cardholder_name = fields.CharField(max_length=200, null=True)
+    address_line1 = fields.CharField(max_length=200, null=True)
+    address_line2 = fields.CharField(max_length=200, null=True)
+    address_city = fields.CharField(max_length=200, null=True)
+    address_state = fields.CharField(max_length=200, null=True)
+    address_postal_code = fields.CharField(max_length=32, null=True)
+    address_country = fields.CharField(max_length=2, null=True)
+    is_primary = fields.BooleanField(default=False)
+    created_at = fields.DatetimeField()
+    removed_at = fields.DatetimeField(null=True)
+
+    class Meta:
+        table = "card"
+        indexes = (Index(fields=("account_id", "removed_at", "created_at")),)
+
+
+class Payment(Model):
+    """One attempt to take money from a card, written before the gateway is called."""
+
+    id = fields.UUIDField(primary_key=True)
+    account: fields.ForeignKeyRelation[Account] = fields.ForeignKeyField(
+        "billing.Account", related_name="payments", on_delete=fields.RESTRICT
+    )
+    account_id: str
+    card: fields.ForeignKeyNullableRelation[Card] = fields.ForeignKeyField(
+        "billing.Card", related_name="payments", null=True, on_delete=fields.RESTRICT
+    )
+    card_id: str | None
+    kind = fields.CharEnumField(PaymentKind, max_length=16)
+    status = fields.CharEnumField(PaymentStatus, max_length=16)
+    credits = fields.BigIntField()
+    amount_cents = fields.BigIntField()
+    currency = fields.CharField(max_length=3)
+    gateway_payment_id = fields.CharField(max_length=255, null=True, unique=True)
+    client_secret = fields.CharField(max_length=255, null=True)
+    failure_code = fields.CharField(max_length=64, null=True)
+    failure_message = fields.CharField(max_length=500, null=True)
+    created_by = fields.CharField(max_length=128, null=True)
+    created_at = fields.DatetimeField()
+    updated_at = fields.DatetimeField()
+
+    class Meta:
+        table = "payment"
+        constraints = (
+            CheckConstraint(check="credits > 0", name="payment_credits_positive"),
+            CheckConstraint(check="amount_cents > 0", name="payment_amount_positive"),
+        )
+        indexes = (
+            Index(fields=("account_id", "created_at")),
+            Index(fields=("status", "updated_at")),
+        )
+
+
+class LedgerEntry(Model):
+    """An append-only credit movement. credits is signed, balance_after is stored."""
+
+    id = fields.UUIDField(primary_key=True)
+    account: fields.ForeignKeyRelation[Account] = fields.ForeignKeyField(
+        "billing.Account", related_name="entries", on_delete=fields.RESTRICT
+    )
+    account_id: str
+    created_at = fields.DatetimeField()
+    type = fields.CharEnumField(TransactionType, max_length=16)
+    process_type = fields.CharEnumField(ProcessType, max_length=32)
+    credits = fields.BigIntField()
+    balance_after = fields.BigIntField()
+    quantity = fields.IntField(null=True)
+    user_id = fields.CharField(max_length=128, null=True)
+    description = fields.CharField(max_length=500)
+    reference = fields.CharField(max_length=255, null=True)
+    payment: fields.ForeignKeyNullableRelation[Payment] = fields.ForeignKeyField(
+        "billing.Payment", related_name="entries", null=True, on_delete=fields.RESTRICT
+    )
+    payment_id: str | None
+    reverses_entry_id = fields.UUIDField(null=True, unique=True)
+
+    class Meta:
+        table = "ledger_entry"
+        constraints = (
+            CheckConstraint(check="credits <> 0", name="ledger_entry_credits_nonzero"),
+            CheckConstraint(check="balance_after >= 0", name="ledger_entry_balance_nonneg"),
+        )
+        indexes = (
+            Index(fields=("account_id", "created_at", "id")),
+            Index(fields=("account_id", "type", "created_at", "id")),
+            Index(fields=("account_id", "process_type", "created_at", "id")),
+            Index(fields=("account_id", "user_id", "created_at", "id")),
+        )
+
+
+class IdempotencyRecord(Model):
+    """What a keyed write did, so a retry replays it and a different request is refused."""
+
+    id = fields.BigIntField(primary_key=True)
+    account: fields.ForeignKeyRelation[Account] = fields.ForeignKeyField(
+        "billing.Account", related_name="idempotency_records", on_delete=fields.RESTRICT
+    )
+    account_id: str
+    key = fields.CharField(max_length=255)
+    operation = fields.CharField(max_length=64)
+    fingerprint = fields.CharField(max_length=64)
+    result: fields.Field[dict[str, object]] = fields.JSONField()
+    created_at = fields.DatetimeField()
+
+    class Meta:
+        table = "idempotency_record"
+        unique_together = (("account", "key"),)
+
+
+class FreeQuotaUsage(Model):
+    """Free units used of a process's monthly allowance, one row per account, process, month."""
+
+    id = fields.BigIntField(primary_key=True)
+    account: fields.ForeignKeyRelation[Account] = fields.ForeignKeyField(
+        "billing.Account", related_name="free_quota_usage", on_delete=fields.RESTRICT
+    )
+    account_id: str
+    process_type = fields.CharEnumField(ProcessType, max_length=32)
+    period_start = fields.DatetimeField()
+    used = fields.IntField(default=0)
+
+    class Meta:
+        table = "free_quota_usage"
+        constraints = (CheckConstraint(check="used >= 0", name="free_quota_usage_used_nonneg"),)
+        unique_together = (("account", "process_type", "period_start"),)
+
+
+class MeteredUsage(Model):
+    """A metered (invoiced monthly) use, priced in cents when it is recorded."""
+
+    id = fields.UUIDField(primary_key=True)
+    account: fields.ForeignKeyRelation[Account] = fields.ForeignKeyField(
+        "billing.Account", related_name="metered_usage", on_delete=fields.RESTRICT
+    )
+    account_id: str
+    user_id = fields.CharField(max_length=128)
+    process_type = fields.CharEnumField(ProcessType, max_length=32)
+    quantity = fields.IntField()
+    unit_cents = fields.IntField()
+    amount_cents = fields.BigIntField()
+    reference = fields.CharField(max_length=255, null=True)
+    created_at = fields.DatetimeField()
+
+    class Meta:
+        table = "metered_usage"
+        constraints = (
+            CheckConstraint(check="quantity > 0", name="metered_usage_quantity_positive"),
+            CheckConstraint(check="amount_cents >= 0", name="metered_usage_amount_nonneg"),
+        )
+        indexes = (Index(fields=("account_id", "created_at")),)
+
+
+class AutoRechargeSetting(Model):
+    """An account's auto-recharge setting (one row per account once it has been saved)."""
+
+    account: fields.OneToOneRelation[Account] = fields.OneToOneField(
+        "billing.Account", related_name="auto_recharge", primary_key=True, on_delete=fields.RESTRICT
+    )
+    account_id: str
+    enabled = fields.BooleanField(default=False)
+    trigger = fields.CharEnumField(AutoRechargeTrigger, max_length=16, null=True)
+    interval_days = fields.IntField(null=True)
+    threshold_credits = fields.BigIntField(null=True)
+    recharge_credits = fields.BigIntField(null=True)
+    use_primary_card = fields.BooleanField(default=True)
+    card: fields.ForeignKeyNullableRelation[Card] = fields.ForeignKeyField(
+        "billing.Card", related_name="auto_recharge_settings", null=True, on_delete=fields.RESTRICT
+    )
+    card_id: str | None
+    notify = fields.BooleanField(default=False)
+    notify_emails: fields.Field[list[str]] = fields.JSONField(default=list)
+    monthly_limit_credits = fields.BigIntField(null=True)
+    next_run_at = fields.DatetimeField(null=True)
+    last_run_at = fields.DatetimeField(null=True)
+    consecutive_failures = fields.IntField(default=0)
+    paused_reason = fields.CharField(max_length=500, null=True)
+    updated_at = fields.DatetimeField(auto_now=True)
+
+    class Meta:
+        table = "auto_recharge_setting"
+        indexes = (Index(fields=("enabled", "trigger", "next_run_at")),)

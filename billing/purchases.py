@@ -1,0 +1,201 @@
+"""Buying credits with a card.
+
+A purchase writes its payment row (``PENDING``) and claims its idempotency key in one
+transaction *before* the gateway is called; the gateway's idempotency key is derived from
+that row. The outcome is applied in a second transaction by a conditional status change,
+so the credits land exactly once however many times the outcome is seen (API call,
+confirm, webhook, sweep).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from tortoise.transactions import in_transaction
+
+from billing import cards, idempotency, ledger, sql
+from billing.accounts import ensure_account
+from billing.enums import ErrorCode, PaymentKind, PaymentStatus, ProcessType, TransactionType
+from billing.errors import UserError, fail
+from billing.gateways import ChargeRequest, ChargeResult, ChargeStatus, PaymentGateway
+from billing.ledger import Movement
+from billing.models import Account, Card, LedgerEntry, Payment
+from billing.pricing import PriceBook
+
+_CREDIT_ENTRY = {
+    PaymentKind.PURCHASE: (TransactionType.PURCHASE, ProcessType.MANUAL_PURCHASE, "Purchased"),
+    PaymentKind.AUTO_RECHARGE: (
+        TransactionType.AUTO_RECHARGE,
+        ProcessType.AUTO_RECHARGE,
+        "Auto-recharged",
+    ),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentOutcome:
+    payment: Payment
+    entry: LedgerEntry | None
+    balance: int
+    errors: tuple[UserError, ...]
+
+
+def gateway_key(payment_id: uuid.UUID | str) -> str:
+    """The gateway's idempotency key for a payment row: a retry can never charge twice."""
+    return f"credits-payment-{payment_id}"
+
+
+async def purchase_credits(
+    gateway: PaymentGateway,
+    book: PriceBook,
+    *,
+    account_id: str,
+    user_id: str,
+    credits: int,
+    card_id: uuid.UUID | None,
+    card_id_given: bool,
+    idempotency_key: str,
+) -> PaymentOutcome:
+    if not book.min_purchase_credits <= credits <= book.max_purchase_credits:
+        raise fail(
+            ErrorCode.INVALID_AMOUNT,
+            f"credits must be {book.min_purchase_credits:,} to {book.max_purchase_credits:,}",
+            "credits",
+        )
+    idempotency.check_key(idempotency_key)
+    await ensure_account(account_id)
+    async with in_transaction():
+        card: Card | None
+        if card_id_given:
+            card = await cards.get_card(card_id, account_id)
+        else:
+            card = await cards.primary_card(account_id)
+            if card is None:
+                raise fail(ErrorCode.NO_CARD_ON_FILE, "Add a card before buying credits.")
+        payment_id = uuid.uuid4()
+        replay = await idempotency.claim(
+            account_id,
+            idempotency_key,
+            "purchaseCredits",
+            {"credits": credits, "cardId": str(card_id) if card_id_given else None},
+            {"payment_id": str(payment_id)},
+        )
+        if replay is not None:
+            return await describe(uuid.UUID(str(replay.result["payment_id"])))
+        account = await Account.get(id=account_id)
+        now = sql.now()
+        payment = await Payment.create(
+            id=payment_id,
+            account_id=account_id,
+            card_id=card.id,
+            kind=PaymentKind.PURCHASE,
+            status=PaymentStatus.PENDING,
+            credits=credits,
+            amount_cents=book.amount_cents(credits),
+            currency=book.currency,
+            created_by=user_id,
+            created_at=now,
+            updated_at=now,
+        )
+    assert account.gateway_customer_id is not None, "a card implies a gateway customer"
+    result = await gateway.charge(
+        ChargeRequest(
+            customer_id=account.gateway_customer_id,
+            payment_method_id=card.gateway_payment_method_id,
+            amount_cents=payment.amount_cents,
+            currency=payment.currency,
+            idempotency_key=gateway_key(payment.id),
+            off_session=False,
+            description=f"{credits:,} purchase credits",
+            metadata={"payment_id": str(payment.id), "account_id": account_id},
+        )
+    )
+    async with in_transaction():
+        await apply_charge_result(payment.id, result)
+    return await describe(payment.id)
+
+
+async def apply_charge_result(payment_id: uuid.UUID, result: ChargeResult) -> bool:
+    """Move a payment to the gateway's outcome, crediting the ledger on success, once.
+
+    Caller owns the transaction. Returns True when this call changed the payment.
+    """
+    conn = sql.connection()
+    now = sql.db_time(conn, sql.now())
+    open_states = (PaymentStatus.PENDING.value, PaymentStatus.REQUIRES_ACTION.value)
+    if result.status is ChargeStatus.SUCCEEDED:
+        changed = await sql.execute(
+            "UPDATE payment SET status = ?, gateway_payment_id = COALESCE(?, gateway_payment_id), "
+            "client_secret = NULL, updated_at = ? WHERE id = ? AND status IN (?, ?)",
+            PaymentStatus.SUCCEEDED.value,
+            result.gateway_payment_id,
+            now,
+            _id(conn, payment_id),
+            *open_states,
+        )
+        if changed:
+            payment = await Payment.get(id=payment_id)
+            kind, process, verb = _CREDIT_ENTRY[payment.kind]
+            await ledger.post(
+                Movement(
+                    account_id=payment.account_id,
+                    credits=payment.credits,
+                    type=kind,
+                    process_type=process,
+                    description=f"{verb} {payment.credits:,} credits",
+                    user_id=payment.created_by,
+                    payment_id=payment.id,
+                )
+            )
+        return bool(changed)
+    if result.status is ChargeStatus.REQUIRES_ACTION:
+        changed = await sql.execute(
+            "UPDATE payment SET status = ?, gateway_payment_id = ?, client_secret = ?, "
+            "updated_at = ? WHERE id = ? AND status = ?",
+            PaymentStatus.REQUIRES_ACTION.value,
+            result.gateway_payment_id,
+            result.client_secret,
+            now,
+            _id(conn, payment_id),
+            PaymentStatus.PENDING.value,
+        )
+        return bool(changed)
+    if result.status is ChargeStatus.FAILED:
+        changed = await sql.execute(
+            "UPDATE payment SET status = ?, gateway_payment_id = COALESCE(?, gateway_payment_id), "
+            "client_secret = NULL, failure_code = ?, failure_message = ?, updated_at = ? "
+            "WHERE id = ? AND status IN (?, ?)",
+            PaymentStatus.FAILED.value,
+            result.gateway_payment_id,
+            result.decline_code or result.failure_code,
+            (result.failure_message or "The card was declined.")[:500],
+            now,
+            _id(conn, payment_id),
+            *open_states,
+        )
+        return bool(changed)
+    return False  # PROCESSING: nothing to record yet
+
+
+def _id(conn: object, value: uuid.UUID) -> object:
+    return value if sql.is_postgres(conn) else str(value)  # type: ignore[arg-type]
+
+
+async def describe(payment_id: uuid.UUID) -> PaymentOutcome:
+    """The payment as it stands, its credit entry if any, and the errors it implies."""
+    payment = await Payment.get(id=payment_id)
+    entry = await LedgerEntry.filter(
+        payment_id=payment.id,
+        type__in=[TransactionType.PURCHASE, TransactionType.AUTO_RECHARGE],
+    ).first()
+    balance = entry.balance_after if entry else await ledger.balance_of(payment.account_id)
+    errors: tuple[UserError, ...] = ()
+    if payment.status is PaymentStatus.FAILED:
+        code = (
+            ErrorCode.AUTHENTICATION_REQUIRED
+            if payment.failure_code == "authentication_required"
+            else ErrorCode.CARD_DECLINED
+        )
+        errors = (UserError(code, payment.failure_message or "The card was declined."),)
+    return PaymentOutcome(payment, entry, balance, errors)

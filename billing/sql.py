@@ -1,0 +1,59 @@
+"""Raw SQL for the few hot statements, written once for SQLite and PostgreSQL.
+
+Queries use ``?`` placeholders; on PostgreSQL they are rewritten to ``$1, $2, ...``.
+The connection is whatever Tortoise routes the current task to, so a caller's
+``in_transaction()`` applies here too.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Any
+
+from tortoise import connections
+from tortoise.backends.base.client import BaseDBAsyncClient
+
+_PLACEHOLDER = re.compile(r"\?")
+
+
+def connection() -> BaseDBAsyncClient:
+    conn: BaseDBAsyncClient = connections.get("default")
+    return conn
+
+
+def is_postgres(conn: BaseDBAsyncClient) -> bool:
+    return conn.capabilities.dialect == "postgres"
+
+
+@lru_cache(maxsize=256)
+def _to_postgres(query: str) -> str:
+    counter = iter(range(1, 10_000))
+    return _PLACEHOLDER.sub(lambda _: f"${next(counter)}", query)
+
+
+async def fetch(query: str, *values: Any) -> list[dict[str, Any]]:
+    """Run a statement (``RETURNING`` included) and return its rows as dicts."""
+    conn = connection()
+    if is_postgres(conn):
+        query = _to_postgres(query)
+    return await conn.execute_query_dict(query, list(values))
+
+
+async def execute(query: str, *values: Any) -> int:
+    """Run a statement and return the number of rows it changed."""
+    conn = connection()
+    if is_postgres(conn):
+        query = _to_postgres(query)
+    count, _ = await conn.execute_query(query, list(values))
+    return count
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def db_time(conn: BaseDBAsyncClient, value: datetime) -> Any:
+    """A datetime as the driver wants it in a raw query (SQLite stores ISO text)."""
+    return value if is_postgres(conn) else value.isoformat()
