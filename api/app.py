@@ -29,6 +29,7 @@ from billing.pricing import PriceBook, load_price_book
 from billing.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
+ANONYMOUS = Principal(user_id="", account_id="", roles=frozenset())
 
 
 class CreditsGraphQL(GraphQL[Context, None]):
@@ -66,10 +67,16 @@ class GraphQLEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             request = Request(scope)
-            wants_page = request.method == "GET" and "text/html" in request.headers.get(
-                "accept", ""
+            # The GraphiQL page itself needs no token (a browser can't send one when it
+            # navigates); it executes nothing, since queries are POST-only.
+            wants_page = (
+                request.method == "GET"
+                and "text/html" in request.headers.get("accept", "")
+                and "query" not in request.query_params
             )
-            if not wants_page:
+            if wants_page:
+                scope.setdefault("state", {})["principal"] = ANONYMOUS
+            else:
                 try:
                     principal = verify_token(
                         bearer_token(request.headers.get("authorization")), self.settings
