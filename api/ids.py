@@ -6,7 +6,7 @@ import base64
 import binascii
 import json
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 
 from billing.history import Position
 
@@ -42,6 +42,6 @@ def decode_cursor(cursor: str) -> Position | None:
         at = datetime.fromisoformat(created)
         if at.tzinfo is None:
             return None
-        return Position(at, uuid.UUID(entry))
+        return Position(at.astimezone(UTC), uuid.UUID(entry))
     except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
         return None

@@ -344,9 +344,10 @@ def history_filter(flt: TransactionFilter | None) -> history.HistoryFilter:
 
 
 def _utc(value: datetime | None) -> datetime | None:
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=UTC)  # a time without offset is read as UTC
+    """Any offset becomes UTC (SQLite compares stored times as UTC text); none means UTC."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 async def transactions_page(

@@ -41,7 +41,7 @@ async def ensure_account(account_id: str) -> None:
         "INSERT INTO credit_account (id, balance, timezone, created_at) VALUES (?, 0, 'UTC', ?) "
         "ON CONFLICT (id) DO NOTHING",
         account_id,
-        sql.db_time(conn, sql.now()),
+        sql.now(),
     )
     if not isinstance(conn, TransactionalDBClient):
         # Inside a transaction the row may still roll back: only cache committed ones.

@@ -43,31 +43,18 @@ class Replay:
     result: dict[str, Any]
 
 
-async def claim(
-    account_id: str, key: str, operation: str, params: dict[str, Any], result: dict[str, Any]
+async def lookup(
+    account_id: str, key: str, operation: str, params: dict[str, Any]
 ) -> Replay | None:
-    """Claim ``key`` for this request, or return the first request's result.
-
-    Raises ``IDEMPOTENCY_KEY_REUSED`` when the key was used with other parameters.
-    """
+    """The first result for ``key`` if there is one (for a retry to replay even when the
+    world has changed since, e.g. the card it used is gone); ``claim`` still decides races."""
     check_key(key)
-    digest = fingerprint(operation, params)
-    conn = sql.connection()
-    rows = await sql.fetch(
-        "INSERT INTO idempotency_record "
-        "(account_id, key, operation, fingerprint, result, created_at) VALUES (?, ?, ?, ?, ?, ?) "
-        "ON CONFLICT (account_id, key) DO NOTHING RETURNING id",
-        account_id,
-        key,
-        operation,
-        digest,
-        json.dumps(result),
-        sql.db_time(conn, sql.now()),
-    )
-    if rows:
-        return None
-    existing = await IdempotencyRecord.get(account_id=account_id, key=key)
-    if existing.operation != operation or existing.fingerprint != digest:
+    existing = await IdempotencyRecord.get_or_none(account_id=account_id, key=key)
+    return None if existing is None else _replay(existing, operation, params)
+
+
+def _replay(existing: IdempotencyRecord, operation: str, params: dict[str, Any]) -> Replay:
+    if existing.operation != operation or existing.fingerprint != fingerprint(operation, params):
         raise fail(
             ErrorCode.IDEMPOTENCY_KEY_REUSED,
             "This idempotency key was already used for a different request.",
@@ -78,6 +65,33 @@ async def claim(
         stored = json.loads(stored)
     assert isinstance(stored, dict)
     return Replay(stored)
+
+
+async def claim(
+    account_id: str, key: str, operation: str, params: dict[str, Any], result: dict[str, Any]
+) -> Replay | None:
+    """Claim ``key`` for this request, or return the first request's result.
+
+    Raises ``IDEMPOTENCY_KEY_REUSED`` when the key was used with other parameters.
+    """
+    check_key(key)
+    digest = fingerprint(operation, params)
+    sql.connection()
+    rows = await sql.fetch(
+        "INSERT INTO idempotency_record "
+        "(account_id, key, operation, fingerprint, result, created_at) VALUES (?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (account_id, key) DO NOTHING RETURNING id",
+        account_id,
+        key,
+        operation,
+        digest,
+        json.dumps(result),
+        sql.now(),
+    )
+    if rows:
+        return None
+    existing = await IdempotencyRecord.get(account_id=account_id, key=key)
+    return _replay(existing, operation, params)
 
 
 async def update_result(account_id: str, key: str, result: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ from billing.errors import fail
 from billing.models import LedgerEntry
 
 MAX_CREDITS_PER_ENTRY = 100_000_000
+MAX_DESCRIPTION = 500  # the column's width; descriptions built from input are cut to it
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +65,7 @@ async def post(movement: Movement) -> LedgerEntry:
         if not rows:
             raise LookupError(f"account {movement.account_id} does not exist")
     balance_after = int(rows[0]["balance"])
+    description = movement.description[:MAX_DESCRIPTION]
     entry_id = movement.entry_id or uuid.uuid4()
     created_at = sql.now()  # taken under the row lock: per account, time order == lock order
     await sql.execute(
@@ -72,14 +74,14 @@ async def post(movement: Movement) -> LedgerEntry:
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         str(entry_id) if not sql.is_postgres(conn) else entry_id,
         movement.account_id,
-        sql.db_time(conn, created_at),
+        created_at,
         movement.type.value,
         movement.process_type.value,
         movement.credits,
         balance_after,
         movement.quantity,
         movement.user_id,
-        movement.description,
+        description,
         movement.reference,
         _uuid_param(conn, movement.payment_id),
         _uuid_param(conn, movement.reverses_entry_id),
@@ -94,7 +96,7 @@ async def post(movement: Movement) -> LedgerEntry:
         balance_after=balance_after,
         quantity=movement.quantity,
         user_id=movement.user_id,
-        description=movement.description,
+        description=description,
         reference=movement.reference,
         payment_id=movement.payment_id,
         reverses_entry_id=movement.reverses_entry_id,

@@ -65,7 +65,11 @@ async def purchase_credits(
         )
     idempotency.check_key(idempotency_key)
     await ensure_account(account_id)
+    params = {"credits": credits, "cardId": str(card_id) if card_id_given else None}
     async with in_transaction():
+        earlier = await idempotency.lookup(account_id, idempotency_key, "purchaseCredits", params)
+        if earlier is not None:
+            return await describe(uuid.UUID(str(earlier.result["payment_id"])))
         card: Card | None
         if card_id_given:
             card = await cards.get_card(card_id, account_id)
@@ -122,7 +126,7 @@ async def apply_charge_result(payment_id: uuid.UUID, result: ChargeResult) -> bo
     Caller owns the transaction. Returns True when this call changed the payment.
     """
     conn = sql.connection()
-    now = sql.db_time(conn, sql.now())
+    now = sql.now()
     open_states = (PaymentStatus.PENDING.value, PaymentStatus.REQUIRES_ACTION.value)
     if result.status is ChargeStatus.SUCCEEDED:
         changed = await sql.execute(

@@ -33,7 +33,7 @@ async def take_free_units(
         return 0
     period_start, _ = month_bounds(sql.now(), timezone)
     conn = sql.connection()
-    start = sql.db_time(conn, period_start)
+    start = period_start
     await sql.execute(
         "INSERT INTO free_quota_usage (account_id, process_type, period_start, used) "
         "VALUES (?, ?, ?, 0) ON CONFLICT (account_id, process_type, period_start) DO NOTHING",

@@ -1,5 +1,8 @@
 """Raw SQL for the few hot statements, written once for SQLite and PostgreSQL.
 
+Datetimes are passed as they are: asyncpg takes them natively, and Tortoise registers a
+sqlite3 adapter that stores them exactly as its own queries do (so raw and ORM rows compare).
+
 Queries use ``?`` placeholders; on PostgreSQL they are rewritten to ``$1, $2, ...``.
 The connection is whatever Tortoise routes the current task to, so a caller's
 ``in_transaction()`` applies here too.
@@ -52,8 +55,3 @@ async def execute(query: str, *values: Any) -> int:
 
 def now() -> datetime:
     return datetime.now(UTC)
-
-
-def db_time(conn: BaseDBAsyncClient, value: datetime) -> Any:
-    """A datetime as the driver wants it in a raw query (SQLite stores ISO text)."""
-    return value if is_postgres(conn) else value.isoformat()
