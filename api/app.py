@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
+import stripe
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -19,7 +22,7 @@ from tortoise.contrib.starlette import RegisterTortoise
 from api.auth import AuthError, Principal, bearer_token, verify_token
 from api.context import Context
 from api.schema import schema
-from billing import sql
+from billing import sql, webhooks
 from billing.accounts import record_member
 from billing.db import tortoise_config
 from billing.enums import Role
@@ -27,6 +30,8 @@ from billing.gateways import PaymentGateway
 from billing.gateways.factory import make_gateway
 from billing.pricing import PriceBook, load_price_book
 from billing.settings import Settings, get_settings
+from workers.jobs import FUNCTIONS
+from workers.queue import ArqQueue, InProcessQueue, JobQueue
 
 log = logging.getLogger(__name__)
 ANONYMOUS = Principal(user_id="", account_id="", roles=frozenset())
@@ -35,21 +40,23 @@ ANONYMOUS = Principal(user_id="", account_id="", roles=frozenset())
 class CreditsGraphQL(GraphQL[Context, None]):
     """Strawberry's ASGI app with our context (the principal is set by ``GraphQLEndpoint``)."""
 
-    def __init__(self, settings: Settings, gateway: PaymentGateway, book: PriceBook) -> None:
+    def __init__(self, services: Services) -> None:
         super().__init__(
             schema,
-            graphql_ide="graphiql" if settings.show_graphiql else None,
+            graphql_ide="graphiql" if services.settings.show_graphiql else None,
             allow_queries_via_get=False,
         )
-        self.settings, self.gateway, self.book = settings, gateway, book
+        self.services = services
 
     async def get_context(self, request: Any, response: Any) -> Context:
         principal: Principal = request.scope["state"]["principal"]
+        s = self.services
         return Context(
             principal=principal,
-            settings=self.settings,
-            gateway=self.gateway,
-            book=self.book,
+            settings=s.settings,
+            gateway=s.gateway,
+            book=s.book,
+            queue=s.queue,
             request=request,
             response=response,
         )
@@ -131,28 +138,88 @@ async def readyz(request: Request) -> Response:
     return JSONResponse({"status": "ok", "database": "up"})
 
 
+MAX_WEBHOOK_BYTES = 1_000_000
+
+
+async def stripe_webhook(request: Request) -> Response:
+    """Verify the signature on the raw body, store the event once, process it in a job."""
+    services: Services = request.app.state.services
+    secret = services.settings.stripe_webhook_secret
+    if services.settings.payment_gateway != "stripe" or secret is None:
+        return JSONResponse({"error": "the Stripe gateway is not configured"}, status_code=404)
+    if int(request.headers.get("content-length") or 0) > MAX_WEBHOOK_BYTES:
+        return JSONResponse({"error": "payload too large"}, status_code=413)
+    payload = await request.body()
+    if len(payload) > MAX_WEBHOOK_BYTES:
+        return JSONResponse({"error": "payload too large"}, status_code=413)
+    try:
+        text = payload.decode("utf-8")
+        stripe.WebhookSignature.verify_header(
+            text,
+            request.headers.get("stripe-signature"),
+            secret.get_secret_value(),
+            tolerance=WEBHOOK_TOLERANCE_SECONDS,
+        )
+        event = json.loads(text)
+        if not isinstance(event, dict) or not isinstance(event.get("id"), str):
+            raise ValueError("not an event")
+    except (stripe.SignatureVerificationError, UnicodeDecodeError, ValueError) as exc:
+        log.warning("refused a Stripe webhook: %s", exc)
+        return JSONResponse({"error": "invalid signature or payload"}, status_code=400)
+    stored = await webhooks.record("stripe", event)
+    if stored is not None:
+        await services.queue.enqueue(
+            "process_gateway_event", stored, job_id=f"gateway-event-{stored}"
+        )
+    return JSONResponse({"received": True, "duplicate": stored is None})
+
+
+WEBHOOK_TOLERANCE_SECONDS = 300
+
+
+@dataclass
+class Services:
+    """What the app holds for its lifetime (typed, instead of loose ``app.state`` keys)."""
+
+    settings: Settings
+    gateway: PaymentGateway
+    book: PriceBook
+    queue: JobQueue
+
+
 def create_app(
-    settings: Settings | None = None, *, gateway: PaymentGateway | None = None
+    settings: Settings | None = None,
+    *,
+    gateway: PaymentGateway | None = None,
+    queue: JobQueue | None = None,
 ) -> Starlette:
     settings = settings or get_settings()
     gateway = gateway or make_gateway(settings)
     book = load_price_book(settings.price_book_path)
-    graphql = GraphQLEndpoint(CreditsGraphQL(settings, gateway, book), settings)
+    services = Services(settings, gateway, book, queue or InProcessQueue(FUNCTIONS, {}))
+    graphql = GraphQLEndpoint(CreditsGraphQL(services), settings)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        verify = getattr(services.gateway, "verify", None)
+        if verify is not None:
+            await verify()  # a wrong Stripe key stops start-up with a clear message
+        if queue is None and settings.job_queue == "arq":
+            services.queue = await ArqQueue.connect(settings.redis_url)
         async with RegisterTortoise(app, config=tortoise_config(settings.database_url)):
-            yield
+            try:
+                yield
+            finally:
+                await services.queue.close()
 
     app = Starlette(
         routes=[
             Route("/graphql", graphql, methods=["GET", "POST"]),
+            Route("/webhooks/stripe", stripe_webhook, methods=["POST"]),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
         ],
         lifespan=lifespan,
     )
-    app.state.settings = settings
-    app.state.gateway = gateway
-    app.state.book = book
+    app.state.services = services
     return app

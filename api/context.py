@@ -16,6 +16,7 @@ from billing.gateways import PaymentGateway
 from billing.models import Card, Member, Payment
 from billing.pricing import PriceBook
 from billing.settings import Settings
+from workers.queue import JobQueue
 
 
 def forbidden(message: str = "You may not do this.") -> GraphQLError:
@@ -50,6 +51,7 @@ class Context:
     settings: Settings
     gateway: PaymentGateway
     book: PriceBook
+    queue: JobQueue
     request: Any = None
     response: Any = None
     cards: DataLoader[uuid.UUID, Card | None] = field(

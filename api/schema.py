@@ -107,6 +107,11 @@ class PurchaseCreditsPayload:
 
 
 @strawberry.input
+class ConfirmPurchaseInput:
+    payment_id: strawberry.ID
+
+
+@strawberry.input
 class AutoRechargeInput:
     enabled: bool
     trigger: AutoRechargeTrigger | None = None
@@ -340,14 +345,28 @@ class Mutation:
                 idempotency_key=input.idempotency_key,
             )
         )
-        if isinstance(result, list):
-            return PurchaseCreditsPayload(errors=result)
-        return PurchaseCreditsPayload(
-            payment=Payment(model=result.payment),
-            transaction=transaction_or_none(result.entry),
-            balance=result.balance,
-            errors=[UserError.of(e) for e in result.errors],
+        return _purchase_payload(result)
+
+    @strawberry.mutation(
+        description="Re-read a purchase that needed 3-D Secure (or is still pending) at the "
+        "gateway and apply its outcome; credits land once, whether this or the webhook "
+        "comes first."
+    )
+    async def confirm_purchase(
+        self,
+        info: CtxInfo,
+        input: ConfirmPurchaseInput,
+    ) -> PurchaseCreditsPayload:
+        ctx = info.context
+        ctx.require(R.ADMIN)
+        result = await attempt(
+            lambda: purchases.confirm_purchase(
+                ctx.gateway,
+                account_id=ctx.principal.account_id,
+                payment_id=ids.decode("Payment", str(input.payment_id)),
+            )
         )
+        return _purchase_payload(result)
 
     @strawberry.mutation
     async def update_auto_recharge(
@@ -476,6 +495,19 @@ class Mutation:
         input: GrantCreditsInput,
     ) -> CreditTransactionPayload:
         return await _staff_credits(info, input, adjust=True)
+
+
+def _purchase_payload(
+    result: purchases.PaymentOutcome | list[UserError],
+) -> PurchaseCreditsPayload:
+    if isinstance(result, list):
+        return PurchaseCreditsPayload(errors=result)
+    return PurchaseCreditsPayload(
+        payment=Payment(model=result.payment),
+        transaction=transaction_or_none(result.entry),
+        balance=result.balance,
+        errors=[UserError.of(e) for e in result.errors],
+    )
 
 
 async def _staff_credits(

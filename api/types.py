@@ -466,6 +466,17 @@ class CreditAccount:
     def balance(self) -> int:
         return self.model.balance
 
+    @strawberry.field(
+        description="Set when billing staff should look at the account: a disputed card "
+        "payment, or a refund larger than the balance."
+    )
+    def flagged_reason(self) -> str | None:
+        return self.model.flag_reason
+
+    @strawberry.field
+    def flagged_at(self) -> datetime | None:
+        return self.model.flagged_at
+
     @strawberry.field
     async def cards(self) -> list[Card]:
         return [Card(model=c) for c in await active_cards(self.model.id)]

@@ -26,6 +26,8 @@ class Account(Model):
     balance = fields.BigIntField(default=0)
     timezone = fields.CharField(max_length=64, default="UTC")
     gateway_customer_id = fields.CharField(max_length=255, null=True)
+    flag_reason = fields.CharField(max_length=500, null=True)
+    flagged_at = fields.DatetimeField(null=True)
     created_at = fields.DatetimeField(auto_now_add=True)
 
     class Meta:
@@ -102,6 +104,7 @@ class Payment(Model):
     client_secret = fields.CharField(max_length=255, null=True)
     failure_code = fields.CharField(max_length=64, null=True)
     failure_message = fields.CharField(max_length=500, null=True)
+    refunded_cents = fields.BigIntField(default=0)
     created_by = fields.CharField(max_length=128, null=True)
     created_at = fields.DatetimeField()
     updated_at = fields.DatetimeField()
@@ -246,3 +249,22 @@ class AutoRechargeSetting(Model):
     class Meta:
         table = "auto_recharge_setting"
         indexes = (Index(fields=("enabled", "trigger", "next_run_at")),)
+
+
+class GatewayEvent(Model):
+    """A payment gateway event (Stripe webhook), stored once by its id, processed by a job."""
+
+    id = fields.BigIntField(primary_key=True)
+    source = fields.CharField(max_length=16)
+    external_id = fields.CharField(max_length=255)
+    type = fields.CharField(max_length=100)
+    payload: fields.Field[dict[str, object]] = fields.JSONField()
+    received_at = fields.DatetimeField()
+    processed_at = fields.DatetimeField(null=True)
+    attempts = fields.IntField(default=0)
+    last_error = fields.CharField(max_length=500, null=True)
+
+    class Meta:
+        table = "gateway_event"
+        unique_together = (("source", "external_id"),)
+        indexes = (Index(fields=("processed_at", "id")),)

@@ -203,3 +203,23 @@ async def describe(payment_id: uuid.UUID) -> PaymentOutcome:
         )
         errors = (UserError(code, payment.failure_message or "The card was declined."),)
     return PaymentOutcome(payment, entry, balance, errors)
+
+
+async def confirm_purchase(
+    gateway: PaymentGateway, *, account_id: str, payment_id: uuid.UUID | None
+) -> PaymentOutcome:
+    """Re-read an unfinished payment at the gateway (after 3-D Secure, say) and apply it.
+
+    Safe to call any number of times, before or after the webhook.
+    """
+    payment = (
+        await Payment.get_or_none(id=payment_id, account_id=account_id) if payment_id else None
+    )
+    if payment is None:
+        raise fail(ErrorCode.NOT_FOUND, "No such payment.", "paymentId")
+    open_states = (PaymentStatus.PENDING, PaymentStatus.REQUIRES_ACTION)
+    if payment.status in open_states and payment.gateway_payment_id:
+        result = await gateway.retrieve_charge(payment.gateway_payment_id)
+        async with in_transaction():
+            await apply_charge_result(payment.id, result)
+    return await describe(payment.id)

@@ -23,6 +23,10 @@ class Settings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     credits_jwt_secret: SecretStr | None = None
     payment_gateway: Literal["sandbox", "stripe"] = "sandbox"
+    stripe_api_key: SecretStr | None = None
+    stripe_webhook_secret: SecretStr | None = None
+    stripe_api_base: str | None = None
+    job_queue: Literal["inprocess", "arq"] = "inprocess"
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     price_book_path: Path = Path(__file__).with_name("pricebook.toml")
@@ -40,6 +44,23 @@ class Settings(BaseSettings):
             raise ValueError(f"CREDITS_JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes")
         elif self.credits_env == "production" and secret.get_secret_value() == DEV_JWT_SECRET:
             raise ValueError("the development JWT secret cannot be used in production")
+        return self
+
+    @model_validator(mode="after")
+    def _check_gateway(self) -> Settings:
+        if self.payment_gateway == "stripe":
+            missing = [
+                name
+                for name, value in (
+                    ("STRIPE_API_KEY", self.stripe_api_key),
+                    ("STRIPE_WEBHOOK_SECRET", self.stripe_webhook_secret),
+                )
+                if value is None or not value.get_secret_value()
+            ]
+            if missing:
+                raise ValueError(f"PAYMENT_GATEWAY=stripe needs {' and '.join(missing)}")
+        elif self.is_production:
+            raise ValueError("PAYMENT_GATEWAY=sandbox is not allowed with CREDITS_ENV=production")
         return self
 
     @property

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +22,18 @@ from api.auth import issue_token
 from billing.accounts import forget_cached_accounts
 from billing.db import migrate
 from billing.enums import Role
+from billing.gateways import PaymentGateway
 from billing.gateways.sandbox import SandboxGateway
 from billing.settings import Settings
+from tests.gateways import (
+    CountingStripeGateway,
+    GatewayHarness,
+    SandboxHarness,
+    StripeHarness,
+    run_localstripe,
+)
+from workers.jobs import FUNCTIONS
+from workers.queue import InProcessQueue
 
 TEST_SECRET = "test-secret-that-is-long-enough-0123456789"
 PG_URL = os.environ.get("TEST_DATABASE_URL", "")
@@ -81,25 +91,68 @@ def backend(db_url: str) -> str:
     return "postgres" if db_url.startswith("postgres") else "sqlite"
 
 
+GATEWAYS = [g for g in os.environ.get("TEST_GATEWAYS", "sandbox,stripe").split(",") if g]
+WEBHOOK_SECRET = "whsec_test_secret_for_the_suite"
+
+
 @pytest.fixture(scope="session")
-def settings(db_url: str) -> Settings:
+def localstripe_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """localstripe on loopback, from scratch, for the whole session."""
+    yield from run_localstripe(tmp_path_factory.mktemp("localstripe"))
+
+
+@pytest.fixture(scope="session", params=GATEWAYS)
+def gateway_name(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(scope="session")
+def settings(db_url: str, gateway_name: str, request: pytest.FixtureRequest) -> Settings:
+    extra: dict[str, Any] = {}
+    if gateway_name == "stripe":
+        extra = {
+            "stripe_api_key": "sk_test_suite",
+            "stripe_webhook_secret": WEBHOOK_SECRET,
+            "stripe_api_base": request.getfixturevalue("localstripe_url"),
+        }
     return Settings(
         database_url=db_url,
         credits_jwt_secret=TEST_SECRET,
         credits_env="development",
-        payment_gateway="sandbox",
+        payment_gateway=gateway_name,
         _env_file=None,  # type: ignore[call-arg]
+        **extra,
     )
 
 
 @pytest.fixture(scope="session")
-def gateway() -> SandboxGateway:
-    return SandboxGateway()
+def harness(settings: Settings, gateway_name: str) -> GatewayHarness:
+    if gateway_name == "stripe":
+        assert settings.stripe_api_base is not None
+        stripe_gateway = CountingStripeGateway(
+            "sk_test_suite", api_base=settings.stripe_api_base, max_network_retries=0
+        )
+        return StripeHarness(stripe_gateway, settings.stripe_api_base)
+    return SandboxHarness(SandboxGateway())
+
+
+@pytest.fixture(scope="session")
+def gateway(harness: GatewayHarness) -> PaymentGateway:
+    """The gateway instance the app uses (it counts its charges: charge_count)."""
+    gw: PaymentGateway = harness.gateway
+    return gw
+
+
+@pytest.fixture(scope="session")
+def queue() -> InProcessQueue:
+    return InProcessQueue(FUNCTIONS, {})
 
 
 @pytest_asyncio.fixture(scope="session")
-async def app(settings: Settings, gateway: SandboxGateway) -> AsyncIterator[Starlette]:
-    application = create_app(settings, gateway=gateway)
+async def app(
+    settings: Settings, harness: GatewayHarness, queue: InProcessQueue
+) -> AsyncIterator[Starlette]:
+    application = create_app(settings, gateway=harness.gateway, queue=queue)
     async with application.router.lifespan_context(application):
         yield application
 
@@ -119,8 +172,12 @@ class Caller:
     token: str
     account_id: str
     user_id: str
+    harness: GatewayHarness | None = None
 
     async def raw(self, query: str, variables: dict[str, Any] | None = None) -> httpx.Response:
+        if self.harness is not None:  # the browser's Stripe Elements, for Stripe's test cards
+            query = await self.harness.translate(query)
+            variables = await self.harness.translate(variables or {})
         return await self.http.post(
             "/graphql",
             json={"query": query, "variables": variables or {}},
@@ -155,7 +212,7 @@ def account_id() -> str:
 
 
 @pytest.fixture
-def caller(http: httpx.AsyncClient, settings: Settings) -> MakeCaller:
+def caller(http: httpx.AsyncClient, settings: Settings, harness: GatewayHarness) -> MakeCaller:
     def make(
         account: str,
         *roles: Role,
@@ -167,7 +224,7 @@ def caller(http: httpx.AsyncClient, settings: Settings) -> MakeCaller:
         token = issue_token(
             settings, account_id=account, user_id=user_id, roles=roles, email=email, name=name
         )
-        return Caller(http, token, account, user_id)
+        return Caller(http, token, account, user_id, harness)
 
     return make
 

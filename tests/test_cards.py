@@ -82,7 +82,11 @@ def accounting(caller: MakeCaller, account_id: str) -> Caller:
         ("pm_card_amex", "amex", "8431"),
     ],
 )
-async def test_add_card_describes_the_card(admin: Caller, pm: str, brand: str, last4: str) -> None:
+async def test_add_card_describes_the_card(
+    admin: Caller, gateway_name: str, pm: str, brand: str, last4: str
+) -> None:
+    if gateway_name == "stripe" and brand != "visa":
+        pytest.skip("localstripe calls every card visa (real Stripe reports the brand)")
     data = await admin.gql(ADD_CARD, {"pm": pm, "primary": False})
     payload = data["addCard"]
     assert payload["errors"] == []

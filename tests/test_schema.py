@@ -66,6 +66,8 @@ EXPECTED_INDEXES = {
     ("payment", ("account_id", "created_at")),
     ("payment", ("status", "updated_at")),
     ("payment", ("gateway_payment_id",)),
+    ("gateway_event", ("source", "external_id")),
+    ("gateway_event", ("processed_at", "id")),
 }
 
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from billing.gateways import PaymentGateway
 from billing.gateways.sandbox import SandboxGateway
+from billing.gateways.stripe_gateway import StripeGateway
 from billing.settings import Settings
 
 
 def make_gateway(settings: Settings) -> PaymentGateway:
-    if settings.payment_gateway == "sandbox":
-        if settings.is_production:
-            raise RuntimeError("PAYMENT_GATEWAY=sandbox is not allowed with CREDITS_ENV=production")
-        return SandboxGateway()
-    raise RuntimeError(
-        "PAYMENT_GATEWAY=stripe is not available in this release yet; use PAYMENT_GATEWAY=sandbox"
-    )
+    if settings.payment_gateway == "stripe":
+        assert settings.stripe_api_key is not None
+        return StripeGateway(
+            settings.stripe_api_key.get_secret_value(), api_base=settings.stripe_api_base
+        )
+    return SandboxGateway()
