@@ -38,7 +38,8 @@ async def ensure_account(account_id: str) -> None:
         return
     conn = sql.connection()
     await sql.execute(
-        "INSERT INTO credit_account (id, balance, timezone, created_at) VALUES (?, 0, 'UTC', ?) "
+        "INSERT INTO credit_account (id, balance, timezone, recharge_seq, created_at) "
+        "VALUES (?, 0, 'UTC', 0, ?) "
         "ON CONFLICT (id) DO NOTHING",
         account_id,
         sql.now(),

@@ -12,6 +12,7 @@ from tortoise.models import Model
 
 from billing.enums import (
     AutoRechargeTrigger,
+    InvoiceStatus,
     PaymentKind,
     PaymentStatus,
     ProcessType,
@@ -26,6 +27,8 @@ class Account(Model):
     balance = fields.BigIntField(default=0)
     timezone = fields.CharField(max_length=64, default="UTC")
     gateway_customer_id = fields.CharField(max_length=255, null=True)
+    recharge_threshold = fields.BigIntField(null=True)  # set while THRESHOLD auto-recharge is on
+    recharge_seq = fields.IntField(default=0)  # bumps when a threshold recharge settles
     flag_reason = fields.CharField(max_length=500, null=True)
     flagged_at = fields.DatetimeField(null=True)
     created_at = fields.DatetimeField(auto_now_add=True)
@@ -105,6 +108,7 @@ class Payment(Model):
     failure_code = fields.CharField(max_length=64, null=True)
     failure_message = fields.CharField(max_length=500, null=True)
     refunded_cents = fields.BigIntField(default=0)
+    trigger_key = fields.CharField(max_length=255, null=True, unique=True)
     created_by = fields.CharField(max_length=128, null=True)
     created_at = fields.DatetimeField()
     updated_at = fields.DatetimeField()
@@ -112,7 +116,7 @@ class Payment(Model):
     class Meta:
         table = "payment"
         constraints = (
-            CheckConstraint(check="credits > 0", name="payment_credits_positive"),
+            CheckConstraint(check="credits >= 0", name="payment_credits_nonneg"),
             CheckConstraint(check="amount_cents > 0", name="payment_amount_positive"),
         )
         indexes = (
@@ -243,6 +247,7 @@ class AutoRechargeSetting(Model):
     next_run_at = fields.DatetimeField(null=True)
     last_run_at = fields.DatetimeField(null=True)
     consecutive_failures = fields.IntField(default=0)
+    next_attempt_at = fields.DatetimeField(null=True)  # backoff after a decline
     paused_reason = fields.CharField(max_length=500, null=True)
     updated_at = fields.DatetimeField(auto_now=True)
 
@@ -268,3 +273,72 @@ class GatewayEvent(Model):
         table = "gateway_event"
         unique_together = (("source", "external_id"),)
         indexes = (Index(fields=("processed_at", "id")),)
+
+
+class Notification(Model):
+    """An e-mail to send: written in the transaction of the event, sent by a job."""
+
+    id = fields.BigIntField(primary_key=True)
+    account: fields.ForeignKeyRelation[Account] = fields.ForeignKeyField(
+        "billing.Account", related_name="notifications", on_delete=fields.RESTRICT
+    )
+    account_id: str
+    kind = fields.CharField(max_length=32)
+    dedupe_key = fields.CharField(max_length=255, unique=True)
+    recipients: fields.Field[list[str]] = fields.JSONField(default=list)
+    subject = fields.CharField(max_length=300)
+    body = fields.TextField()
+    created_at = fields.DatetimeField()
+    sent_at = fields.DatetimeField(null=True)
+    attempts = fields.IntField(default=0)
+    next_attempt_at = fields.DatetimeField(null=True)
+    last_error = fields.CharField(max_length=500, null=True)
+
+    class Meta:
+        table = "notification"
+        indexes = (Index(fields=("sent_at", "next_attempt_at")),)
+
+
+class Invoice(Model):
+    """A month of metered usage, charged to the card on file."""
+
+    id = fields.UUIDField(primary_key=True)
+    account: fields.ForeignKeyRelation[Account] = fields.ForeignKeyField(
+        "billing.Account", related_name="invoices", on_delete=fields.RESTRICT
+    )
+    account_id: str
+    period_start = fields.DatetimeField()
+    period_end = fields.DatetimeField()
+    status = fields.CharEnumField(InvoiceStatus, max_length=16)
+    amount_cents = fields.BigIntField()
+    currency = fields.CharField(max_length=3)
+    attempts = fields.IntField(default=0)
+    next_attempt_at = fields.DatetimeField(null=True)
+    paid_at = fields.DatetimeField(null=True)
+    failure_message = fields.CharField(max_length=500, null=True)
+    payment: fields.ForeignKeyNullableRelation[Payment] = fields.ForeignKeyField(
+        "billing.Payment", related_name="invoices", null=True, on_delete=fields.RESTRICT
+    )
+    payment_id: str | None
+    created_at = fields.DatetimeField()
+
+    class Meta:
+        table = "invoice"
+        unique_together = (("account", "period_start"),)
+        indexes = (Index(fields=("status", "next_attempt_at")),)
+
+
+class InvoiceLine(Model):
+    """One process type's usage on an invoice."""
+
+    id = fields.BigIntField(primary_key=True)
+    invoice: fields.ForeignKeyRelation[Invoice] = fields.ForeignKeyField(
+        "billing.Invoice", related_name="lines", on_delete=fields.RESTRICT
+    )
+    invoice_id: str
+    process_type = fields.CharEnumField(ProcessType, max_length=32)
+    quantity = fields.BigIntField()
+    amount_cents = fields.BigIntField()
+
+    class Meta:
+        table = "invoice_line"

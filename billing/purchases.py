@@ -9,6 +9,7 @@ confirm, webhook, sweep).
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass
 
@@ -18,10 +19,18 @@ from billing import cards, idempotency, ledger, sql
 from billing.accounts import ensure_account
 from billing.enums import ErrorCode, PaymentKind, PaymentStatus, ProcessType, TransactionType
 from billing.errors import UserError, fail
-from billing.gateways import ChargeRequest, ChargeResult, ChargeStatus, PaymentGateway
+from billing.gateways import (
+    ChargeRequest,
+    ChargeResult,
+    ChargeStatus,
+    GatewayUnavailable,
+    PaymentGateway,
+)
 from billing.ledger import Movement
 from billing.models import Account, Card, LedgerEntry, Payment
 from billing.pricing import PriceBook
+
+log = logging.getLogger(__name__)
 
 _CREDIT_ENTRY = {
     PaymentKind.PURCHASE: (TransactionType.PURCHASE, ProcessType.MANUAL_PURCHASE, "Purchased"),
@@ -103,18 +112,24 @@ async def purchase_credits(
             updated_at=now,
         )
     assert account.gateway_customer_id is not None, "a card implies a gateway customer"
-    result = await gateway.charge(
-        ChargeRequest(
-            customer_id=account.gateway_customer_id,
-            payment_method_id=card.gateway_payment_method_id,
-            amount_cents=payment.amount_cents,
-            currency=payment.currency,
-            idempotency_key=gateway_key(payment.id),
-            off_session=False,
-            description=f"{credits:,} purchase credits",
-            metadata={"payment_id": str(payment.id), "account_id": account_id},
+    try:
+        result = await gateway.charge(
+            ChargeRequest(
+                customer_id=account.gateway_customer_id,
+                payment_method_id=card.gateway_payment_method_id,
+                amount_cents=payment.amount_cents,
+                currency=payment.currency,
+                idempotency_key=gateway_key(payment.id),
+                off_session=False,
+                description=f"{credits:,} purchase credits",
+                metadata={"payment_id": str(payment.id), "account_id": account_id},
+            )
         )
-    )
+    except GatewayUnavailable:
+        # Stripe may or may not have charged: the payment stays PENDING and the sweep,
+        # a confirm or the webhook settles it, from Stripe's own record.
+        log.warning("gateway unavailable for payment %s; left PENDING", payment.id)
+        return await describe(payment.id)
     async with in_transaction():
         await apply_charge_result(payment.id, result)
     return await describe(payment.id)

@@ -11,12 +11,14 @@ The connection is whatever Tortoise routes the current task to, so a caller's
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
 from tortoise import connections
 from tortoise.backends.base.client import BaseDBAsyncClient
+
+from billing import clock
 
 _PLACEHOLDER = re.compile(r"\?")
 
@@ -54,4 +56,4 @@ async def execute(query: str, *values: Any) -> int:
 
 
 def now() -> datetime:
-    return datetime.now(UTC)
+    return clock.now()

@@ -42,7 +42,7 @@ def test_schema_keeps_every_name_of_the_contract() -> None:
 
 EXPECTED_CHECKS = {
     "credit_account_balance_nonneg",
-    "payment_credits_positive",
+    "payment_credits_nonneg",
     "payment_amount_positive",
     "ledger_entry_credits_nonzero",
     "ledger_entry_balance_nonneg",
@@ -68,6 +68,11 @@ EXPECTED_INDEXES = {
     ("payment", ("gateway_payment_id",)),
     ("gateway_event", ("source", "external_id")),
     ("gateway_event", ("processed_at", "id")),
+    ("payment", ("trigger_key",)),
+    ("notification", ("dedupe_key",)),
+    ("notification", ("sent_at", "next_attempt_at")),
+    ("invoice", ("account_id", "period_start")),
+    ("invoice", ("status", "next_attempt_at")),
 }
 
 

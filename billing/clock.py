@@ -1,0 +1,25 @@
+"""The service's one source of "now", so schedules and month ends can be tested."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+
+_offset = timedelta(0)
+
+
+def now() -> datetime:
+    return datetime.now(UTC) + _offset
+
+
+@contextmanager
+def travel(to: datetime) -> Iterator[None]:
+    """Run the block as if the time were ``to`` (and moving on from there)."""
+    global _offset
+    previous = _offset
+    _offset = to - datetime.now(UTC)
+    try:
+        yield
+    finally:
+        _offset = previous
