@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 from collections import OrderedDict
@@ -28,9 +30,10 @@ from billing.db import tortoise_config
 from billing.enums import Role
 from billing.gateways import PaymentGateway
 from billing.gateways.factory import make_gateway
+from billing.mailer import make_mailer
 from billing.pricing import PriceBook, load_price_book
 from billing.settings import Settings, get_settings
-from workers.jobs import FUNCTIONS
+from workers.jobs import PERIODIC, all_functions
 from workers.queue import ArqQueue, InProcessQueue, JobQueue
 
 log = logging.getLogger(__name__)
@@ -177,6 +180,17 @@ async def stripe_webhook(request: Request) -> Response:
 WEBHOOK_TOLERANCE_SECONDS = 300
 
 
+async def run_periodic(queue: InProcessQueue, settings: Settings) -> None:
+    """The embedded default's cron: the periodic jobs arq would run, every few seconds."""
+    tick = 0
+    while True:
+        await asyncio.sleep(settings.periodic_seconds)
+        tick += 1
+        for name, minutes in PERIODIC.items():
+            if (tick - 1) % minutes == 0:
+                await queue.enqueue(name, job_id=f"cron:{name}:{tick}")
+
+
 @dataclass
 class Services:
     """What the app holds for its lifetime (typed, instead of loose ``app.state`` keys)."""
@@ -196,7 +210,12 @@ def create_app(
     settings = settings or get_settings()
     gateway = gateway or make_gateway(settings)
     book = load_price_book(settings.price_book_path)
-    services = Services(settings, gateway, book, queue or InProcessQueue(FUNCTIONS, {}))
+    services = Services(settings, gateway, book, queue or InProcessQueue(all_functions()))
+    if isinstance(services.queue, InProcessQueue):
+        # The embedded default: jobs run here, with what an arq worker would hold.
+        services.queue.bind(
+            settings=settings, gateway=gateway, book=book, mailer=make_mailer(settings)
+        )
     graphql = GraphQLEndpoint(CreditsGraphQL(services), settings)
 
     @asynccontextmanager
@@ -207,9 +226,16 @@ def create_app(
         if queue is None and settings.job_queue == "arq":
             services.queue = await ArqQueue.connect(settings.redis_url)
         async with RegisterTortoise(app, config=tortoise_config(settings.database_url)):
+            ticker = None
+            if isinstance(services.queue, InProcessQueue) and settings.periodic_seconds > 0:
+                ticker = asyncio.create_task(run_periodic(services.queue, settings))
             try:
                 yield
             finally:
+                if ticker is not None:
+                    ticker.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await ticker
                 await services.queue.close()
 
     app = Starlette(

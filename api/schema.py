@@ -397,7 +397,8 @@ class Mutation:
         )
         if isinstance(result, list):
             return AutoRechargePayload(errors=result)
-        return AutoRechargePayload(auto_recharge=AutoRecharge(model=result))
+        await _after_debit(info, ctx.principal.account_id, result.recharge_seq)
+        return AutoRechargePayload(auto_recharge=AutoRecharge(model=result.setting))
 
     @strawberry.mutation
     async def consume_credits(
@@ -423,6 +424,7 @@ class Mutation:
         )
         if isinstance(result, list):
             return ConsumeCreditsPayload(errors=result)
+        await _after_debit(info, str(input.account_id), result.recharge_seq)
         return ConsumeCreditsPayload(
             transaction=transaction_or_none(result.entry),
             balance=result.balance,
@@ -497,6 +499,15 @@ class Mutation:
         return await _staff_credits(info, input, adjust=True)
 
 
+async def _after_debit(info: CtxInfo, account_id: str, recharge_seq: int | None) -> None:
+    """After commit: a balance left below its threshold gets its recharge job. One job id
+    per crossing, so concurrent spends across one threshold queue one job."""
+    if recharge_seq is not None:
+        await info.context.queue.enqueue(
+            "threshold_recharge", account_id, job_id=f"recharge:{account_id}:{recharge_seq}"
+        )
+
+
 def _purchase_payload(
     result: purchases.PaymentOutcome | list[UserError],
 ) -> PurchaseCreditsPayload:
@@ -532,6 +543,7 @@ async def _staff_credits(
     )
     if isinstance(result, list):
         return CreditTransactionPayload(errors=result)
+    await _after_debit(info, str(input.account_id), result.recharge_seq)
     return CreditTransactionPayload(
         transaction=CreditTransaction(model=result.entry), balance=result.balance
     )

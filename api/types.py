@@ -9,13 +9,14 @@ from strawberry.types import Info
 
 from api import ids
 from api.context import Context, bad_input
-from billing import enums, history, quota
+from billing import enums, history, invoices, quota
 from billing.autorecharge import get_setting
 from billing.cards import active_cards, primary_card
 from billing.errors import UserError as DomainError
 from billing.errors import Validator
 from billing.models import Account, AutoRechargeSetting, LedgerEntry
 from billing.models import Card as CardModel
+from billing.models import Invoice as InvoiceModel
 from billing.models import MeteredUsage as MeteredUsageModel
 from billing.models import Payment as PaymentModel
 from billing.pricing import PriceBook
@@ -27,6 +28,7 @@ BillingMode = strawberry.enum(enums.BillingMode)
 PaymentStatus = strawberry.enum(enums.PaymentStatus)
 AutoRechargeTrigger = strawberry.enum(enums.AutoRechargeTrigger)
 ErrorCode = strawberry.enum(enums.ErrorCode)
+InvoiceStatus = strawberry.enum(enums.InvoiceStatus)
 
 CtxInfo = Info[Context, None]
 
@@ -454,6 +456,65 @@ class FreeQuota:
     period_end: datetime
 
 
+@strawberry.type(description="One process type's metered usage on an invoice.")
+class InvoiceLine:
+    process_type: ProcessType
+    quantity: int
+    amount_cents: int
+
+
+@strawberry.type(description="A month of metered usage, charged to the card on file.")
+class Invoice:
+    model: strawberry.Private[InvoiceModel]
+
+    @strawberry.field
+    def id(self) -> strawberry.ID:
+        return strawberry.ID(ids.encode("Invoice", self.model.id))
+
+    @strawberry.field(description="Start of the month (the account's time zone), inclusive.")
+    def period_start(self) -> datetime:
+        return self.model.period_start
+
+    @strawberry.field(description="End of the month (the account's time zone), exclusive.")
+    def period_end(self) -> datetime:
+        return self.model.period_end
+
+    @strawberry.field
+    def status(self) -> InvoiceStatus:
+        return self.model.status
+
+    @strawberry.field
+    def amount_cents(self) -> int:
+        return self.model.amount_cents
+
+    @strawberry.field
+    def currency(self) -> str:
+        return self.model.currency
+
+    @strawberry.field(description="Charge attempts made so far.")
+    def attempts(self) -> int:
+        return self.model.attempts
+
+    @strawberry.field
+    def paid_at(self) -> datetime | None:
+        return self.model.paid_at
+
+    @strawberry.field(description="Why the last charge attempt failed.")
+    def failure_message(self) -> str | None:
+        return self.model.failure_message
+
+    @strawberry.field
+    def lines(self) -> list[InvoiceLine]:
+        return [
+            InvoiceLine(
+                process_type=line.process_type,
+                quantity=line.quantity,
+                amount_cents=line.amount_cents,
+            )
+            for line in sorted(self.model.lines, key=lambda line: line.process_type.value)
+        ]
+
+
 @strawberry.type
 class CreditAccount:
     model: strawberry.Private[Account]
@@ -507,6 +568,10 @@ class CreditAccount:
         after: str | None = None,
     ) -> CreditTransactionConnection:
         return await transactions_page(self.model.id, filter, first, after)
+
+    @strawberry.field(description="Monthly invoices for metered usage, newest first (24 at most).")
+    async def invoices(self) -> list[Invoice]:
+        return [Invoice(model=m) for m in await invoices.account_invoices(self.model.id)]
 
 
 @strawberry.type

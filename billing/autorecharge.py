@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from billing import cards, sql
+from billing import cards, recharge, sql
 from billing.accounts import ensure_account
 from billing.enums import AutoRechargeTrigger, ErrorCode
 from billing.errors import Validator, fail
-from billing.models import AutoRechargeSetting
+from billing.models import Account, AutoRechargeSetting
 from billing.pricing import PriceBook
 
 MAX_INTERVAL_DAYS = 365
@@ -80,9 +80,17 @@ def _validate(v: Validator, data: AutoRechargeInput, book: PriceBook) -> None:
             v.add("intervalDays is required for a SCHEDULE trigger", "intervalDays")
 
 
+@dataclass(frozen=True, slots=True)
+class AutoRechargeUpdate:
+    setting: AutoRechargeSetting
+    #: Set when the new setting wants a recharge at once (enabled below its threshold):
+    #: the caller enqueues the threshold job after commit.
+    recharge_seq: int | None
+
+
 async def update_auto_recharge(
     book: PriceBook, account_id: str, data: AutoRechargeInput
-) -> AutoRechargeSetting:
+) -> AutoRechargeUpdate:
     """Replace the whole setting (caller's transaction)."""
     v = Validator()
     _validate(v, data, book)
@@ -125,7 +133,14 @@ async def update_auto_recharge(
         "consecutive_failures": 0,
         "paused_reason": None,
     }
+    values["next_attempt_at"] = None
     if previous is None:
-        return await AutoRechargeSetting.create(account_id=account_id, **values)
-    await AutoRechargeSetting.filter(account_id=account_id).update(**values)
-    return await AutoRechargeSetting.get(account_id=account_id)
+        setting = await AutoRechargeSetting.create(account_id=account_id, **values)
+    else:
+        await AutoRechargeSetting.filter(account_id=account_id).update(**values)
+        setting = await AutoRechargeSetting.get(account_id=account_id)
+    await recharge.sync_threshold(setting)
+    account = await Account.get(id=account_id)
+    level = setting.threshold_level()
+    due = level is not None and account.balance < level
+    return AutoRechargeUpdate(setting, account.recharge_seq if due else None)

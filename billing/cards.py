@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 from tortoise.transactions import in_transaction
 
-from billing import ledger, sql
+from billing import ledger, notifications, sql
 from billing.accounts import ensure_account
-from billing.enums import ErrorCode
+from billing.enums import ErrorCode, NotificationKind
 from billing.errors import Validator, fail
 from billing.gateways import Address, CardDetails, CardRejected, PaymentGateway
 from billing.models import Account, AutoRechargeSetting, Card
@@ -107,7 +107,7 @@ async def save_attached(account_id: str, details: CardDetails, *, make_primary: 
     if primary and has_primary:
         await Card.filter(account_id=account_id, is_primary=True).update(is_primary=False)
     address = details.address
-    return await Card.create(
+    card = await Card.create(
         account_id=account_id,
         gateway_payment_method_id=details.payment_method_id,
         brand=details.brand,
@@ -124,6 +124,19 @@ async def save_attached(account_id: str, details: CardDetails, *, make_primary: 
         is_primary=primary,
         created_at=sql.now(),
     )
+    await _resume_auto_recharge(account_id)
+    return card
+
+
+async def _resume_auto_recharge(account_id: str) -> None:
+    """A new card clears a pause (declines, no card): the next crossing may recharge."""
+    setting = await AutoRechargeSetting.get_or_none(account_id=account_id)
+    if setting is not None and setting.paused_reason is not None:
+        setting.paused_reason = None
+        setting.consecutive_failures = 0
+        setting.next_attempt_at = None
+        await setting.save()
+        await Account.filter(id=account_id).update(recharge_threshold=setting.threshold_level())
 
 
 def _check_update(
@@ -265,6 +278,20 @@ async def remove(
     moved = await AutoRechargeSetting.filter(account_id=card.account_id, card_id=card.id).update(
         card_id=None, use_primary_card=True
     )
+    if moved:
+        fallback = (
+            f"the primary card ({primary.brand} ending {primary.last4})"
+            if primary
+            else ("the primary card, but there is none now")
+        )
+        await notifications.queue(
+            card.account_id,
+            NotificationKind.AUTO_RECHARGE_CARD_CHANGED,
+            dedupe_key=f"auto-recharge-card-removed:{card.id}",
+            subject="Auto-recharge now uses the primary card",
+            body=f"The {card.brand} card ending {card.last4} that auto-recharge used was "
+            f"removed. Auto-recharge will now charge {fallback}.",
+        )
     return Removal(card, primary, bool(moved))
 
 

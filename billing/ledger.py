@@ -35,18 +35,31 @@ class Movement:
     entry_id: uuid.UUID | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Posted:
+    entry: LedgerEntry
+    recharge_seq: int | None  # set when a debit left the balance below the recharge threshold
+
+
 async def post(movement: Movement) -> LedgerEntry:
     """Apply ``movement`` to the balance and append its entry. Caller owns the transaction.
 
     Raises ``INSUFFICIENT_CREDITS`` (and changes nothing) when a debit would go below zero.
     """
+    return (await post_returning(movement)).entry
+
+
+async def post_returning(movement: Movement) -> Posted:
+    """``post``, also telling whether the balance is now below the auto-recharge threshold
+    (read in the same statement, so spending costs no extra query)."""
     if movement.credits == 0 or abs(movement.credits) > MAX_CREDITS_PER_ENTRY:
         raise ValueError(f"ledger movement of {movement.credits} credits")
     conn = sql.connection()
     if movement.credits < 0:
         rows = await sql.fetch(
             "UPDATE credit_account SET balance = balance + ? "
-            "WHERE id = ? AND balance + ? >= 0 RETURNING balance",
+            "WHERE id = ? AND balance + ? >= 0 "
+            "RETURNING balance, recharge_threshold, recharge_seq",
             movement.credits,
             movement.account_id,
             movement.credits,
@@ -58,13 +71,16 @@ async def post(movement: Movement) -> LedgerEntry:
             )
     else:
         rows = await sql.fetch(
-            "UPDATE credit_account SET balance = balance + ? WHERE id = ? RETURNING balance",
+            "UPDATE credit_account SET balance = balance + ? WHERE id = ? "
+            "RETURNING balance, recharge_threshold, recharge_seq",
             movement.credits,
             movement.account_id,
         )
         if not rows:
             raise LookupError(f"account {movement.account_id} does not exist")
     balance_after = int(rows[0]["balance"])
+    threshold = rows[0]["recharge_threshold"]
+    below = threshold is not None and balance_after < int(threshold)
     description = movement.description[:MAX_DESCRIPTION]
     entry_id = movement.entry_id or uuid.uuid4()
     created_at = sql.now()  # taken under the row lock: per account, time order == lock order
@@ -86,7 +102,7 @@ async def post(movement: Movement) -> LedgerEntry:
         _uuid_param(conn, movement.payment_id),
         _uuid_param(conn, movement.reverses_entry_id),
     )
-    return LedgerEntry(
+    entry = LedgerEntry(
         id=entry_id,
         account_id=movement.account_id,
         created_at=created_at,
@@ -101,6 +117,7 @@ async def post(movement: Movement) -> LedgerEntry:
         payment_id=movement.payment_id,
         reverses_entry_id=movement.reverses_entry_id,
     )
+    return Posted(entry, int(rows[0]["recharge_seq"]) if below else None)
 
 
 def _uuid_param(conn: object, value: uuid.UUID | None) -> object:

@@ -35,6 +35,7 @@ class Account(Model):
 
     class Meta:
         table = "credit_account"
+        indexes = (Index(fields=("recharge_threshold",)),)
         constraints = (CheckConstraint(check="balance >= 0", name="credit_account_balance_nonneg"),)
 
 
@@ -109,6 +110,7 @@ class Payment(Model):
     failure_message = fields.CharField(max_length=500, null=True)
     refunded_cents = fields.BigIntField(default=0)
     trigger_key = fields.CharField(max_length=255, null=True, unique=True)
+    settled_at = fields.DatetimeField(null=True)  # auto-recharge outcome booked on its setting
     created_by = fields.CharField(max_length=128, null=True)
     created_at = fields.DatetimeField()
     updated_at = fields.DatetimeField()
@@ -250,6 +252,17 @@ class AutoRechargeSetting(Model):
     next_attempt_at = fields.DatetimeField(null=True)  # backoff after a decline
     paused_reason = fields.CharField(max_length=500, null=True)
     updated_at = fields.DatetimeField(auto_now=True)
+
+    def threshold_level(self) -> int | None:
+        """What credit_account.recharge_threshold holds while this setting is in force."""
+        if (
+            self.enabled
+            and self.trigger is AutoRechargeTrigger.THRESHOLD
+            and self.paused_reason is None
+            and self.threshold_credits is not None
+        ):
+            return int(self.threshold_credits)
+        return None
 
     class Meta:
         table = "auto_recharge_setting"

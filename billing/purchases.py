@@ -155,6 +155,9 @@ async def apply_charge_result(payment_id: uuid.UUID, result: ChargeResult) -> bo
         )
         if changed:
             payment = await Payment.get(id=payment_id)
+            if payment.kind is PaymentKind.INVOICE:
+                await _settle_invoice(payment)
+                return True
             kind, process, verb = _CREDIT_ENTRY[payment.kind]
             await ledger.post(
                 Movement(
@@ -193,8 +196,19 @@ async def apply_charge_result(payment_id: uuid.UUID, result: ChargeResult) -> bo
             _id(conn, payment_id),
             *open_states,
         )
+        if changed:
+            payment = await Payment.get(id=payment_id)
+            if payment.kind is PaymentKind.INVOICE:
+                await _settle_invoice(payment)
         return bool(changed)
     return False  # PROCESSING: nothing to record yet
+
+
+async def _settle_invoice(payment: Payment) -> None:
+    """An invoice payment credits nothing: its outcome is booked on the invoice."""
+    from billing import invoices  # invoices charges through this module
+
+    await invoices.settle_payment(payment)
 
 
 def _id(conn: object, value: uuid.UUID) -> object:

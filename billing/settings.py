@@ -27,11 +27,14 @@ class Settings(BaseSettings):
     stripe_webhook_secret: SecretStr | None = None
     stripe_api_base: str | None = None
     job_queue: Literal["inprocess", "arq"] = "inprocess"
+    periodic_seconds: float = 60.0  # in-process cron (embedded default); 0 turns it off
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     price_book_path: Path = Path(__file__).with_name("pricebook.toml")
     graphiql_enabled: bool | None = None
     log_level: str = "INFO"
+    smtp_url: str | None = None  # None: e-mails are written to the log (billing.mailer)
+    mail_from: str = "Purchase Credits <credits@localhost>"
 
     @model_validator(mode="after")
     def _check_secret(self) -> Settings:

@@ -41,6 +41,7 @@ class ConsumeResult:
     entry: LedgerEntry | None
     balance: int
     free_units_applied: int
+    recharge_seq: int | None = None  # the spend left the balance below the recharge threshold
 
 
 def _check_usage_input(
@@ -119,7 +120,7 @@ async def consume(
     credits = paid_units * price.credits_per_unit
     label = _DESCRIPTIONS.get(process_type, process_type.value)
     description = f"{label} x {quantity}" + (f" ({free} free)" if free else "")
-    entry = await ledger.post(
+    posted = await ledger.post_returning(
         Movement(
             account_id=account_id,
             credits=-credits,
@@ -132,11 +133,12 @@ async def consume(
             entry_id=entry_id,
         )
     )
+    entry = posted.entry
     if free:
         await idempotency.update_result(
             account_id, idempotency_key, {"entry_id": str(entry_id), "free_units": free}
         )
-    return ConsumeResult(entry, entry.balance_after, free)
+    return ConsumeResult(entry, entry.balance_after, free, posted.recharge_seq)
 
 
 async def _replay_consume(account_id: str, result: dict[str, object]) -> ConsumeResult:
@@ -152,6 +154,7 @@ async def _replay_consume(account_id: str, result: dict[str, object]) -> Consume
 class EntryResult:
     entry: LedgerEntry
     balance: int
+    recharge_seq: int | None = None
 
 
 async def _replay_entry(account_id: str, result: dict[str, object]) -> EntryResult:
@@ -252,7 +255,7 @@ async def grant_or_adjust(
         return await _replay_entry(account_id, replay.result)
     kind = TransactionType.ADJUSTMENT if adjust else TransactionType.GRANT
     label = "Adjustment" if adjust else "Credits granted"
-    entry = await ledger.post(
+    posted = await ledger.post_returning(
         Movement(
             account_id=account_id,
             credits=credits,
@@ -263,7 +266,8 @@ async def grant_or_adjust(
             entry_id=new_id,
         )
     )
-    return EntryResult(entry, entry.balance_after)
+    entry = posted.entry
+    return EntryResult(entry, entry.balance_after, posted.recharge_seq)
 
 
 async def record_metered(

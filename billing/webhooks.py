@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from datetime import timedelta
 from typing import Any
 
-from billing import cards, ledger, sql
+from billing import cards, ledger, recharge, sql
 from billing.enums import PaymentKind, PaymentStatus, ProcessType, TransactionType
 from billing.gateways.stripe_gateway import charge_result
 from billing.ledger import Movement
@@ -83,9 +84,14 @@ async def process(event_id: int) -> bool:
     return True
 
 
-async def pending_event_ids(limit: int = 100) -> list[int]:
+async def pending_event_ids(older_than_seconds: int = 0, limit: int = 100) -> list[int]:
+    """Stored events not processed yet (their job was lost, or failed)."""
+    cutoff = sql.now() - timedelta(seconds=older_than_seconds)
     rows = await sql.fetch(
-        "SELECT id FROM gateway_event WHERE processed_at IS NULL ORDER BY id LIMIT ?", limit
+        "SELECT id FROM gateway_event WHERE processed_at IS NULL AND received_at <= ? "
+        "ORDER BY id LIMIT ?",
+        cutoff,
+        limit,
     )
     return [int(r["id"]) for r in rows]
 
@@ -109,6 +115,8 @@ async def _payment_intent(intent: dict[str, Any]) -> None:
         log.info("payment intent %s is not ours", intent.get("id"))
         return
     await apply_charge_result(payment.id, charge_result(intent))
+    if payment.kind is PaymentKind.AUTO_RECHARGE:
+        await recharge.settle(payment.id)
 
 
 async def _payment_method_updated(pm: dict[str, Any]) -> None:

@@ -32,7 +32,8 @@ from tests.gateways import (
     StripeHarness,
     run_localstripe,
 )
-from workers.jobs import FUNCTIONS
+from tests.mailbox import SmtpServer, run_smtp
+from workers.jobs import all_functions
 from workers.queue import InProcessQueue
 
 TEST_SECRET = "test-secret-that-is-long-enough-0123456789"
@@ -120,6 +121,7 @@ def settings(db_url: str, gateway_name: str, request: pytest.FixtureRequest) -> 
         credits_jwt_secret=TEST_SECRET,
         credits_env="development",
         payment_gateway=gateway_name,
+        periodic_seconds=0,  # tests run the periodic jobs themselves
         _env_file=None,  # type: ignore[call-arg]
         **extra,
     )
@@ -143,9 +145,16 @@ def gateway(harness: GatewayHarness) -> PaymentGateway:
     return gw
 
 
+@pytest.fixture
+def smtp() -> Iterator[SmtpServer]:
+    """An SMTP server on loopback that the test reads mail from."""
+    yield from run_smtp()
+
+
 @pytest.fixture(scope="session")
 def queue() -> InProcessQueue:
-    return InProcessQueue(FUNCTIONS, {})
+    """The app's job queue (in process); ``await queue.drain()`` waits for its jobs."""
+    return InProcessQueue(all_functions())
 
 
 @pytest_asyncio.fixture(scope="session")

@@ -69,6 +69,7 @@ EXPECTED_INDEXES = {
     ("gateway_event", ("source", "external_id")),
     ("gateway_event", ("processed_at", "id")),
     ("payment", ("trigger_key",)),
+    ("credit_account", ("recharge_threshold",)),
     ("notification", ("dedupe_key",)),
     ("notification", ("sent_at", "next_attempt_at")),
     ("invoice", ("account_id", "period_start")),

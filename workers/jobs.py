@@ -1,20 +1,121 @@
-"""Job functions. Each owns its transaction and calls one ``billing`` function."""
+"""Job functions: each parses its arguments, calls one ``billing`` function (which owns or
+is given its transaction), and enqueues follow-up jobs after that commit."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
 from tortoise.transactions import in_transaction
 
-from billing import webhooks
+from billing import recharge, webhooks
+from billing.enums import AutoRechargeTrigger
+from workers.context import JobContext
+from workers.invoicing import INVOICE_FUNCTIONS
+from workers.mail import MAIL_FUNCTIONS
+from workers.queue import JobFunction
+
+log = logging.getLogger(__name__)
 
 
-async def process_gateway_event(ctx: dict[str, Any], event_id: int) -> bool:
+async def send_notifications_later(ctx: JobContext, notification_ids: Iterable[int]) -> None:
+    for notification_id in notification_ids:
+        await ctx["queue"].enqueue(
+            "send_notification", notification_id, job_id=f"notification:{notification_id}:0"
+        )
+
+
+async def process_gateway_event(ctx: JobContext, event_id: int) -> bool:
     """Apply a stored gateway (Stripe) event; a no-op if it was already applied."""
     async with in_transaction():
         return await webhooks.process(event_id)
 
 
-FUNCTIONS = {
+async def threshold_recharge(ctx: JobContext, account_id: str) -> str:
+    """Recharge an account that fell below its threshold (re-checked under its lock)."""
+    result = await recharge.run(
+        ctx["gateway"], ctx["book"], account_id, AutoRechargeTrigger.THRESHOLD
+    )
+    await send_notifications_later(ctx, result.notification_ids)
+    return result.outcome.value
+
+
+async def scheduled_recharge(ctx: JobContext, account_id: str, due_at: str) -> str:
+    """The scheduled recharge due at ``due_at`` (ISO), once."""
+    result = await recharge.run(
+        ctx["gateway"],
+        ctx["book"],
+        account_id,
+        AutoRechargeTrigger.SCHEDULE,
+        datetime.fromisoformat(due_at),
+    )
+    await send_notifications_later(ctx, result.notification_ids)
+    return result.outcome.value
+
+
+async def enqueue_due_schedules(ctx: JobContext) -> int:
+    """Cron: queue every scheduled recharge whose time has come."""
+    due = await recharge.due_schedules()
+    for account_id, at in due:
+        await ctx["queue"].enqueue(
+            "scheduled_recharge",
+            account_id,
+            at.isoformat(),
+            job_id=f"schedule:{account_id}:{at.isoformat()}",
+        )
+    return len(due)
+
+
+async def sweep(ctx: JobContext) -> dict[str, int]:
+    """Cron, the safety net: what a lost enqueue or a crash left behind.
+
+    Accounts below their threshold with no recharge in flight get their job; payments stuck
+    in PENDING are settled from the gateway's record; stored events not yet processed are
+    processed."""
+    below = await recharge.below_threshold()
+    for account_id, seq in below:
+        await ctx["queue"].enqueue(
+            "threshold_recharge", account_id, job_id=f"recharge:{account_id}:{seq}"
+        )
+    stuck = await recharge.stuck_payments()
+    healed = 0
+    for payment_id in stuck:
+        try:
+            await recharge.heal_payment(ctx["gateway"], payment_id)
+            healed += 1
+        except Exception:
+            log.exception("could not settle stuck payment %s", payment_id)
+    events = await webhooks.pending_event_ids(older_than_seconds=60)
+    for event_id in events:
+        await ctx["queue"].enqueue(
+            "process_gateway_event", event_id, job_id=f"gateway-event-{event_id}"
+        )
+    return {"below_threshold": len(below), "stuck_payments": healed, "events": len(events)}
+
+
+FUNCTIONS: dict[str, JobFunction] = {
     "process_gateway_event": process_gateway_event,
+    "threshold_recharge": threshold_recharge,
+    "scheduled_recharge": scheduled_recharge,
+    "enqueue_due_schedules": enqueue_due_schedules,
+    "sweep": sweep,
+    **MAIL_FUNCTIONS,
+    **INVOICE_FUNCTIONS,
 }
+
+#: Periodic jobs and their period in minutes (arq cron in production; an in-process
+#: ticker in the embedded default). Months close at each account's local midnight, so
+#: invoices are looked for every hour.
+PERIODIC: dict[str, int] = {
+    "enqueue_due_schedules": 1,
+    "sweep": 1,
+    "deliver_pending_notifications": 1,
+    "retry_due_invoices": 10,
+    "close_monthly_invoices": 60,
+}
+
+
+def all_functions() -> dict[str, Any]:
+    return dict(FUNCTIONS)

@@ -28,10 +28,17 @@ class JobQueue(Protocol):
 class InProcessQueue:
     """Runs jobs as asyncio tasks in this process; a job id already running is not re-run."""
 
-    def __init__(self, functions: dict[str, JobFunction], ctx: dict[str, Any]) -> None:
-        self.functions = functions
-        self.ctx = ctx
+    def __init__(
+        self, functions: dict[str, JobFunction], ctx: dict[str, Any] | None = None
+    ) -> None:
+        self.functions = dict(functions)
+        self.ctx: dict[str, Any] = dict(ctx or {})
+        self.ctx["queue"] = self
         self._tasks: dict[str, asyncio.Task[Any]] = {}
+
+    def bind(self, **ctx: Any) -> None:
+        """Give the jobs what they need (settings, gateway, book, mailer)."""
+        self.ctx.update(ctx)
 
     async def enqueue(self, function: str, *args: Any, job_id: str) -> bool:
         if function not in self.functions:

@@ -8,6 +8,7 @@ Stripe's 5xx answers are retried with backoff by the client itself
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, cast
 
@@ -225,9 +226,30 @@ class StripeGateway:
                 or ("authentication_required" if code == "authentication_required" else None),
                 failure_message=exc.user_message or "Your card was declined.",
             )
+        except stripe.InvalidRequestError as exc:
+            # e.g. the PaymentMethod no longer exists at Stripe: this charge can't succeed.
+            return ChargeResult(
+                ChargeStatus.FAILED,
+                None,
+                failure_code=str(exc.code or "invalid_request"),
+                failure_message=exc.user_message or "The card can no longer be charged.",
+            )
         except _TRANSIENT as exc:
             raise GatewayUnavailable(str(exc)) from exc
-        return charge_result(intent.to_dict())
+        result = charge_result(intent.to_dict())
+        if request.off_session and result.status is ChargeStatus.REQUIRES_ACTION:
+            # Nobody is there to authenticate: an off-session charge that asks for it has
+            # failed (Stripe usually says so itself, with authentication_required).
+            with contextlib.suppress(stripe.StripeError):
+                await self.client.v1.payment_intents.cancel_async(str(intent.id))
+            return ChargeResult(
+                ChargeStatus.FAILED,
+                result.gateway_payment_id,
+                failure_code="authentication_required",
+                decline_code="authentication_required",
+                failure_message="The card needs the cardholder to authenticate this payment.",
+            )
+        return result
 
     async def retrieve_charge(self, gateway_payment_id: str) -> ChargeResult:
         try:

@@ -1,0 +1,258 @@
+"""Jobs through a real arq worker (burst mode) on a Redis of the test's own, on loopback.
+
+The test starts its own redis-server on a free port, so it can stop and start it without
+touching the machine's shared Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from arq import Worker
+from arq.connections import RedisSettings, create_pool
+from starlette.applications import Starlette
+
+from billing.models import LedgerEntry
+from tests.conftest import ROOT, Caller
+from tests.gateways import free_port
+from tests.invariants import assert_ledger_consistent
+from tests.ops import AUTO_RECHARGE, CONSUME, grant, key
+from workers.queue import ArqQueue
+from workers.settings import cron_jobs, functions
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("redis-server") is None, reason="redis-server is not installed"
+)
+
+
+class RedisServer:
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while (
+            subprocess.run(
+                ["redis-cli", "-p", str(self.port), "ping"], capture_output=True
+            ).stdout.strip()
+            != b"PONG"
+        ):
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest_asyncio.fixture
+async def arq_app(app: Starlette, redis_server: RedisServer) -> AsyncIterator[tuple[Any, Any]]:
+    """The running app, its jobs going to our Redis (as with JOB_QUEUE=arq)."""
+    services = app.state.services
+    previous = services.queue
+    arq_queue = await ArqQueue.connect(redis_server.url)
+    services.queue = arq_queue
+    ctx = {**previous.ctx, "queue": arq_queue}
+    try:
+        yield arq_queue, ctx
+    finally:
+        services.queue = previous
+        await arq_queue.close()
+
+
+async def run_worker_burst(redis_url: str, ctx: dict[str, Any]) -> None:
+    pool = await create_pool(RedisSettings.from_dsn(redis_url))
+    worker = Worker(
+        functions=functions(),
+        redis_pool=pool,
+        burst=True,
+        handle_signals=False,
+        ctx=dict(ctx),
+        poll_delay=0.05,
+        keep_result=60,
+    )
+    try:
+        await worker.main()
+    finally:
+        await worker.close()
+        await pool.aclose()
+
+
+async def _setup(admin: Caller, staff: Caller, threshold: int) -> None:
+    from tests.ops import add_card
+
+    await add_card(admin, "pm_card_visa")
+    await grant(staff, admin.account_id, 1000)
+    data = await admin.gql(
+        AUTO_RECHARGE,
+        {
+            "input": {
+                "enabled": True,
+                "trigger": "THRESHOLD",
+                "thresholdCredits": threshold,
+                "rechargeCredits": 500,
+            }
+        },
+    )
+    assert data["updateAutoRecharge"]["errors"] == []
+
+
+async def _spend(service: Caller) -> dict[str, Any]:
+    data = await service.gql(
+        CONSUME,
+        {
+            "input": {
+                "accountId": service.account_id,
+                "userId": "u1",
+                "processType": "POSTCARD",
+                "quantity": 1,
+                "idempotencyKey": key(),
+            }
+        },
+    )
+    return data["consumeCredits"]
+
+
+async def test_concurrent_crossings_through_a_real_arq_worker_charge_once(
+    arq_app: tuple[Any, Any],
+    redis_server: RedisServer,
+    admin: Caller,
+    service: Caller,
+    staff: Caller,
+    gateway: Any,
+) -> None:
+    arq_queue, ctx = arq_app
+    await _setup(admin, staff, threshold=900)
+    charges = gateway.charge_count
+    results = await asyncio.gather(*(_spend(service) for _ in range(50)))
+    assert all(r["errors"] == [] for r in results)
+    # The job delivered twice more, as arq would after a worker died mid-job.
+    for _ in range(2):
+        await arq_queue.pool.enqueue_job("threshold_recharge", admin.account_id)
+    await run_worker_burst(redis_server.url, ctx)
+    assert gateway.charge_count == charges + 1
+    entries = await LedgerEntry.filter(account_id=admin.account_id, type="AUTO_RECHARGE")
+    assert [e.credits for e in entries] == [500]
+    assert await assert_ledger_consistent(admin.account_id) == 1000 - 50 * 12 + 500
+
+
+async def test_with_redis_down_spends_succeed_and_the_sweep_recharges_later(
+    arq_app: tuple[Any, Any],
+    redis_server: RedisServer,
+    admin: Caller,
+    service: Caller,
+    staff: Caller,
+) -> None:
+    _, ctx = arq_app
+    await _setup(admin, staff, threshold=990)
+    redis_server.stop()
+    results = await asyncio.gather(*(_spend(service) for _ in range(5)))
+    assert all(r["errors"] == [] for r in results)  # Redis down: spends still land
+    assert await LedgerEntry.filter(account_id=admin.account_id, type="AUTO_RECHARGE").count() == 0
+    redis_server.start()
+    # The cron's sweep, through the worker (as arq's cron would run it), twice.
+    pool = await create_pool(RedisSettings.from_dsn(redis_server.url))
+    try:
+        for _ in range(2):
+            await pool.enqueue_job("sweep")
+            await run_worker_burst(redis_server.url, ctx)
+    finally:
+        await pool.aclose()
+    entries = await LedgerEntry.filter(account_id=admin.account_id, type="AUTO_RECHARGE")
+    assert [e.credits for e in entries] == [500]
+    await assert_ledger_consistent(admin.account_id)
+
+
+def test_worker_settings_register_every_job_and_cron() -> None:
+    from workers.jobs import FUNCTIONS, PERIODIC
+
+    assert {f.name for f in functions()} == set(FUNCTIONS)
+    assert {c.name for c in cron_jobs()} == {f"cron:{name}" for name in PERIODIC}
+
+
+def test_app_with_job_queue_arq_sends_jobs_to_redis(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """JOB_QUEUE=arq as configured by environment, in a process of its own (an app's
+    lifespan owns the ORM, so a second one can't run inside this test session)."""
+    script = (
+        "import asyncio\n"
+        "from api.app import create_app\n"
+        "from billing.db import migrate\n"
+        "from billing.settings import get_settings\n"
+        "from workers.queue import ArqQueue\n"
+        "async def main():\n"
+        "    await migrate(get_settings().database_url)\n"
+        "    app = create_app()\n"
+        "    async with app.router.lifespan_context(app):\n"
+        "        queue = app.state.services.queue\n"
+        "        assert isinstance(queue, ArqQueue), queue\n"
+        "        assert await queue.enqueue('sweep', job_id='probe')\n"
+        "asyncio.run(main())\n"
+    )
+    env = {
+        **os.environ,
+        "JOB_QUEUE": "arq",
+        "REDIS_URL": redis_server.url,
+        "DATABASE_URL": f"sqlite://{tmp_path / 'arq.sqlite3'}",
+        "CREDITS_JWT_SECRET": "x" * 40,
+        "PERIODIC_SECONDS": "0",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    keys = subprocess.run(
+        ["redis-cli", "-p", str(redis_server.port), "keys", "arq:job:probe"],
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    assert keys == ["arq:job:probe"]

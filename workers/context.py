@@ -1,0 +1,20 @@
+"""The typed context every job function receives first (arq's ``ctx``)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, TypedDict
+
+if TYPE_CHECKING:
+    from billing.gateways import PaymentGateway
+    from billing.pricing import PriceBook
+    from billing.settings import Settings
+    from workers.queue import JobQueue
+
+
+class JobContext(TypedDict, total=False):
+    settings: Settings
+    gateway: PaymentGateway
+    book: PriceBook
+    queue: JobQueue  # to enqueue follow-up jobs (after the job's own commit)
+    mailer: Any  # billing.mailer.Mailer
+    job_id: str
