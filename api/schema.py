@@ -33,7 +33,7 @@ from api.types import (
     card_or_none,
     transaction_or_none,
 )
-from billing import autorecharge, cards, purchases, usage
+from billing import autorecharge, batch, cards, purchases, usage
 from billing.accounts import get_account
 from billing.enums import Role as R
 from billing.errors import BillingError
@@ -430,6 +430,48 @@ class Mutation:
             balance=result.balance,
             free_units_applied=result.free_units_applied,
         )
+
+    @strawberry.mutation(
+        description="Spend for up to 1,000 uses at once (a list import's appends, say): one "
+        "result per item, in order, each with its own errors and idempotency key, as if "
+        "consumeCredits were called for each in turn; applied in one transaction with one "
+        "balance update per account."
+    )
+    async def consume_credits_batch(
+        self,
+        info: CtxInfo,
+        inputs: list[ConsumeCreditsInput],
+    ) -> list[ConsumeCreditsPayload]:
+        ctx = info.context
+        ctx.require(R.SERVICE)
+        if not 1 <= len(inputs) <= batch.MAX_BATCH:
+            raise bad_input(f"inputs must hold 1 to {batch.MAX_BATCH:,} items")
+        for item in inputs:
+            ctx.own_account_or_forbidden(str(item.account_id))
+        items = [
+            batch.SpendItem(
+                account_id=str(i.account_id),
+                user_id=str(i.user_id),
+                process_type=i.process_type,
+                quantity=i.quantity,
+                reference=i.reference,
+                idempotency_key=i.idempotency_key,
+            )
+            for i in inputs
+        ]
+        result = await in_tx(lambda: batch.consume_batch(ctx.book, items))
+        for account_id, seq in result.recharges.items():
+            await _after_debit(info, account_id, seq)
+        return [
+            ConsumeCreditsPayload(errors=[UserError.of(e) for e in o.errors])
+            if isinstance(o, BillingError)
+            else ConsumeCreditsPayload(
+                transaction=transaction_or_none(o.entry),
+                balance=o.balance,
+                free_units_applied=o.free_units_applied,
+            )
+            for o in result.outcomes
+        ]
 
     @strawberry.mutation
     async def reverse_usage(

@@ -135,4 +135,4 @@ async def lock_account(account_id: str) -> None:
     """Serialise writers of one account (PostgreSQL row lock; SQLite serialises anyway)."""
     conn = sql.connection()
     if sql.is_postgres(conn):
-        await sql.fetch("SELECT id FROM credit_account WHERE id = ? FOR UPDATE", account_id)
+        await sql.fetch("SELECT id FROM credit_account WHERE id = ? FOR NO KEY UPDATE", account_id)

@@ -34,7 +34,7 @@ def is_postgres(conn: BaseDBAsyncClient) -> bool:
 
 @lru_cache(maxsize=256)
 def _to_postgres(query: str) -> str:
-    counter = iter(range(1, 10_000))
+    counter = iter(range(1, 65_536))  # PostgreSQL takes at most 65,535 parameters
     return _PLACEHOLDER.sub(lambda _: f"${next(counter)}", query)
 
 

@@ -55,6 +55,11 @@ def _check_usage_input(
     validate_user_id(v, user_id, "userId")
 
 
+def describe_usage(process_type: ProcessType, quantity: int, free: int) -> str:
+    label = _DESCRIPTIONS.get(process_type, process_type.value)
+    return f"{label} x {quantity}" + (f" ({free} free)" if free else "")
+
+
 def _prepaid_price(book: PriceBook, process_type: ProcessType) -> ProcessPrice:
     price = book.process(process_type)
     if price is None or price.billing is BillingMode.METERED:
@@ -118,8 +123,7 @@ async def consume(
 
     assert price.credits_per_unit is not None
     credits = paid_units * price.credits_per_unit
-    label = _DESCRIPTIONS.get(process_type, process_type.value)
-    description = f"{label} x {quantity}" + (f" ({free} free)" if free else "")
+    description = describe_usage(process_type, quantity, free)
     posted = await ledger.post_returning(
         Movement(
             account_id=account_id,
