@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: run test test-sqlite lint typecheck schema check-schema token migrate bench clean
+.PHONY: run test test-sqlite lint typecheck schema check-schema token migrate reconcile bench bench-tools clean
 
 $(PY):
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is needed"'
@@ -53,8 +53,19 @@ token: $(STAMP)
 migrate: $(STAMP)
 	$(PY) -m api --migrate-only
 
+## Check that balances, ledger entries, payments (and Stripe) agree; non-zero exit on any
+## discrepancy. Scope it with RECONCILE_ARGS="--account acme --account other".
+reconcile: $(STAMP)
+	$(PY) -m billing.reconcile $(RECONCILE_ARGS)
+
+## Benchmarks (numbers, not tests): make bench, or one of them: make bench BENCH=spend
+## (spend, latency, recharge, schedule, csv). Needs wrk and pgbench: make bench-tools.
 bench: $(STAMP)
-	$(PY) -m bench
+	$(PY) -m bench $(BENCH)
+
+bench-tools:
+	command -v wrk >/dev/null && command -v pgbench >/dev/null || \
+	  (apt-get update && apt-get install -y wrk postgresql-client)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
+from billing import logs
 from billing.db import migrate
-from billing.settings import get_settings
+from billing.settings import Settings, get_settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,9 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     args = parser.parse_args(argv)
     settings = get_settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(settings.log_level, settings.log_format)
     if settings.database_url.startswith("sqlite://"):
         path = settings.database_url.removeprefix("sqlite://")
         if path and path != ":memory:":
@@ -43,15 +42,23 @@ def main(argv: list[str] | None = None) -> int:
         '{"Authorization": "Bearer <token>"}\n',
         flush=True,
     )
-    uvicorn.run(
-        "api.asgi:app",
-        host=settings.host,
-        port=settings.port,
-        workers=args.workers,
-        log_level=settings.log_level.lower(),
-        proxy_headers=False,
-    )
+    uvicorn.run("api.asgi:app", **uvicorn_options(settings, workers=args.workers))
     return 0
+
+
+def uvicorn_options(settings: Settings, *, workers: int = 1) -> dict[str, Any]:
+    """How uvicorn serves the app: our JSON logging (the API writes its own access log,
+    with the request id) and a graceful shutdown that lets in-flight requests finish."""
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "workers": workers,
+        "log_level": settings.log_level.lower(),
+        "log_config": logs.config(settings.log_level, settings.log_format),
+        "access_log": False,
+        "proxy_headers": False,
+        "timeout_graceful_shutdown": settings.shutdown_grace_seconds,
+    }
 
 
 if __name__ == "__main__":

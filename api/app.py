@@ -7,24 +7,34 @@ import contextlib
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import jwt
 import stripe
+from cross_web import HTTPException  # what Strawberry raises for a 4xx
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 from strawberry.asgi import GraphQL
+from strawberry.exceptions import ConnectionRejectionError
+from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
+from strawberry.types.unset import UNSET, UnsetType
 from tortoise.contrib.starlette import RegisterTortoise
 
-from api.auth import AuthError, Principal, bearer_token, verify_token
+from api import metrics as api_metrics
+from api.auth import AuthError, Principal, authenticate, bearer_token
 from api.context import Context
-from api.schema import schema
-from billing import sql, webhooks
+from api.graphiql import graphiql_page
+from api.observability import RequestIdMiddleware, readiness
+from api.reports import transactions_csv
+from api.schema import build_schema
+from billing import webhooks
 from billing.accounts import record_member
 from billing.db import tortoise_config
 from billing.enums import Role
@@ -34,6 +44,7 @@ from billing.mailer import make_mailer
 from billing.pricing import PriceBook, load_price_book
 from billing.settings import Settings, get_settings
 from workers.jobs import PERIODIC, all_functions
+from workers.live import Broadcaster, InProcessBroadcaster, RedisBroadcaster
 from workers.queue import ArqQueue, InProcessQueue, JobQueue
 
 log = logging.getLogger(__name__)
@@ -45,14 +56,27 @@ class CreditsGraphQL(GraphQL[Context, None]):
 
     def __init__(self, services: Services) -> None:
         super().__init__(
-            schema,
+            build_schema(services.settings),
             graphql_ide="graphiql" if services.settings.show_graphiql else None,
             allow_queries_via_get=False,
+            subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL,),
         )
         self.services = services
+        #: Set by ``GraphQLEndpoint``: records the caller a websocket authenticated.
+        self.provision: Callable[[Principal], Awaitable[None]] | None = None
+
+    async def render_graphql_ide(self, request: Request) -> Response:
+        return graphiql_page(request)  # self-contained (no CDN); see api/graphiql.py
+
+    def parse_json(self, data: str | bytes) -> Any:
+        value = super().parse_json(data)
+        if not isinstance(value, dict | list):  # Strawberry would answer a bare 500
+            raise HTTPException(400, "The request body must be a JSON object")
+        return value  # a list (a batch) is refused by Strawberry: batching is off
 
     async def get_context(self, request: Any, response: Any) -> Context:
-        principal: Principal = request.scope["state"]["principal"]
+        # A websocket is anonymous until its connection_init is accepted (on_ws_connect).
+        principal: Principal = request.scope.get("state", {}).get("principal", ANONYMOUS)
         s = self.services
         return Context(
             principal=principal,
@@ -60,9 +84,28 @@ class CreditsGraphQL(GraphQL[Context, None]):
             gateway=s.gateway,
             book=s.book,
             queue=s.queue,
+            live=s.live,
             request=request,
             response=response,
         )
+
+    async def on_ws_connect(self, context: Context) -> UnsetType | dict[str, object] | None:
+        """graphql-transport-ws: the bearer token comes in ``connection_init``'s payload,
+        ``{"authorization": "Bearer <token>"}``; without a valid one the socket is closed
+        with 4403 Forbidden."""
+        params = context.connection_params or {}
+        header = params.get("authorization", params.get("Authorization"))
+        try:
+            token = bearer_token(header if isinstance(header, str) else None)
+            principal = await authenticate(token, self.services.settings)
+        except AuthError as exc:
+            log.info("refused a websocket: %s", exc)
+            raise ConnectionRejectionError({"message": f"Unauthenticated: {exc}"}) from exc
+        if self.provision is not None:
+            await self.provision(principal)
+        context.principal = principal
+        context.token_expires_at = _expires_at(token)
+        return UNSET
 
 
 class GraphQLEndpoint:
@@ -73,6 +116,8 @@ class GraphQLEndpoint:
         self.graphql = graphql
         self.settings = settings
         self._seen: OrderedDict[tuple[object, ...], None] = OrderedDict()
+        # A websocket carries its token in its first message, which Strawberry reads.
+        graphql.provision = self._provision
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -88,7 +133,7 @@ class GraphQLEndpoint:
                 scope.setdefault("state", {})["principal"] = ANONYMOUS
             else:
                 try:
-                    principal = verify_token(
+                    principal = await authenticate(
                         bearer_token(request.headers.get("authorization")), self.settings
                     )
                 except AuthError as exc:
@@ -133,12 +178,13 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    try:
-        await sql.fetch("SELECT 1 AS ok")
-    except Exception as exc:  # any failure means not ready
-        log.warning("readiness check failed: %s", exc)
-        return JSONResponse({"status": "unavailable", "database": "down"}, status_code=503)
-    return JSONResponse({"status": "ok", "database": "up"})
+    """Ready when the database (and Redis, when jobs go through arq) answer in time."""
+    services: Services = request.app.state.services
+    checks = await readiness(services.settings, services.queue)
+    ready = all(state == "up" for state in checks.values())
+    return JSONResponse(
+        {"status": "ok" if ready else "unavailable", **checks}, status_code=200 if ready else 503
+    )
 
 
 MAX_WEBHOOK_BYTES = 1_000_000
@@ -199,6 +245,13 @@ class Services:
     gateway: PaymentGateway
     book: PriceBook
     queue: JobQueue
+    live: Broadcaster  # in process in the embedded default; Redis pub/sub with arq
+
+
+def _expires_at(token: str) -> float | None:
+    """The ``exp`` of a token already verified (a live subscription ends with it)."""
+    exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
+    return float(exp) if isinstance(exp, int | float) else None
 
 
 def create_app(
@@ -206,15 +259,26 @@ def create_app(
     *,
     gateway: PaymentGateway | None = None,
     queue: JobQueue | None = None,
+    live: Broadcaster | None = None,
 ) -> Starlette:
     settings = settings or get_settings()
     gateway = gateway or make_gateway(settings)
     book = load_price_book(settings.price_book_path)
-    services = Services(settings, gateway, book, queue or InProcessQueue(all_functions()))
+    services = Services(
+        settings,
+        gateway,
+        book,
+        queue or InProcessQueue(all_functions()),
+        live or InProcessBroadcaster(),
+    )
     if isinstance(services.queue, InProcessQueue):
         # The embedded default: jobs run here, with what an arq worker would hold.
         services.queue.bind(
-            settings=settings, gateway=gateway, book=book, mailer=make_mailer(settings)
+            settings=settings,
+            gateway=gateway,
+            book=book,
+            mailer=make_mailer(settings),
+            live=services.live,
         )
     graphql = GraphQLEndpoint(CreditsGraphQL(services), settings)
 
@@ -225,6 +289,10 @@ def create_app(
             await verify()  # a wrong Stripe key stops start-up with a clear message
         if queue is None and settings.job_queue == "arq":
             services.queue = await ArqQueue.connect(settings.redis_url)
+        if live is None and settings.job_queue == "arq":
+            # Workers elsewhere move balances too: hear them (and the other API
+            # processes) through Redis pub/sub.
+            services.live = RedisBroadcaster.connect(settings.redis_url)
         async with RegisterTortoise(app, config=tortoise_config(settings.database_url)):
             ticker = None
             if isinstance(services.queue, InProcessQueue) and settings.periodic_seconds > 0:
@@ -237,14 +305,19 @@ def create_app(
                     with contextlib.suppress(asyncio.CancelledError):
                         await ticker
                 await services.queue.close()
+                await services.live.close()
 
     app = Starlette(
         routes=[
             Route("/graphql", graphql, methods=["GET", "POST"]),
+            WebSocketRoute("/graphql", graphql),  # subscriptions (graphql-transport-ws)
             Route("/webhooks/stripe", stripe_webhook, methods=["POST"]),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
+            Route("/metrics", api_metrics.metrics),
+            Route("/reports/transactions.csv", transactions_csv),
         ],
+        middleware=[Middleware(RequestIdMiddleware)],
         lifespan=lifespan,
     )
     app.state.services = services

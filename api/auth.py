@@ -1,18 +1,41 @@
-"""Bearer-token authentication: signed JWTs from the platform's identity service."""
+"""Bearer-token authentication: signed JWTs from the platform's identity service.
+
+Two ways to sign, never mixed up:
+- RS256 against the identity provider's JWKS (``CREDITS_JWKS_URL``): the production way.
+- HS256 with the shared secret (``CREDITS_JWT_SECRET``): development, and production
+  only when no JWKS is configured.
+
+The token's ``alg`` header picks the path; each path accepts exactly its one algorithm
+with its own kind of key (an RSA public key from the JWKS; the secret), so ``alg: none``
+and algorithm confusion (an HS256 token "signed" with the RSA public key) are refused.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import jwt
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
 from billing.enums import Role
 from billing.settings import Settings
 
-ALGORITHMS = ["HS256"]
+log = logging.getLogger(__name__)
+
+ALGORITHMS = ["HS256"]  # the shared-secret path
+JWKS_ALGORITHM = "RS256"  # the JWKS path
 LEEWAY_SECONDS = 30
+MIN_RSA_BITS = 2048
+JWKS_FETCH_TIMEOUT_SECONDS = 5.0
+# An unknown ``kid`` refetches the JWKS at most this often: made-up kids can't turn every
+# request into a call to the identity provider.
+JWKS_REFETCH_COOLDOWN_SECONDS = 10.0
 
 
 class AuthError(Exception):
@@ -58,19 +81,186 @@ def principal_from_claims(claims: dict[str, object]) -> Principal:
     )
 
 
-def verify_token(token: str, settings: Settings) -> Principal:
-    """Verify signature and expiry; return who is calling. Raises ``AuthError``."""
+class JwksKeys:
+    """The identity provider's RS256 signing keys, held for the process.
+
+    PyJWKClient fetches and parses the key set; this class decides when, so that a JWKS
+    outage never takes down requests whose key is known (PyJWKClient's own cache forgets
+    the whole set when it expires, and its key cache never forgets a revoked key):
+
+    - a ``kid`` from the last good fetch is served from memory, with no I/O;
+    - once the set is older than ``max_age`` it is refreshed in the background while
+      requests go on with the keys at hand; a failed refresh keeps the last good set;
+    - an unknown ``kid`` refetches at once (a rotation is picked up without a restart),
+      at most once per ``cooldown`` seconds; a key the provider removed is refused once
+      a fetch no longer lists it;
+    - fetches run in a worker thread (PyJWKClient uses blocking urllib), one at a time.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_age: float = 300.0,
+        cooldown: float = JWKS_REFETCH_COOLDOWN_SECONDS,
+        timeout: float = JWKS_FETCH_TIMEOUT_SECONDS,
+    ) -> None:
+        self.url = url
+        self.max_age = max_age
+        self.cooldown = cooldown
+        self._client = jwt.PyJWKClient(
+            url,
+            cache_jwk_set=False,  # cached here, see above
+            timeout=timeout,
+            headers={"User-Agent": "purchase-credits", "Accept": "application/json"},
+        )
+        self._keys: dict[str, RSAPublicKey] = {}
+        self._fetched_at = -math.inf  # monotonic time of the last good fetch
+        self._refetched_at = -math.inf  # ... of the last refetch for an unknown kid
+        self._retry_at = -math.inf  # after a failed fetch, no background retry before this
+        self._inflight: asyncio.Task[None] | None = None
+
+    def cached(self, kid: str) -> RSAPublicKey | None:
+        return self._keys.get(kid)
+
+    async def key(self, kid: str) -> RSAPublicKey:
+        """The public key named ``kid``; raises ``AuthError`` when there is none."""
+        key = self._keys.get(kid)
+        now = time.monotonic()
+        if key is not None:
+            if now - self._fetched_at > self.max_age and now >= self._retry_at:
+                self._start_refresh()  # refresh behind the request
+            return key
+        if now - self._refetched_at < self.cooldown:
+            raise AuthError("unknown signing key")
+        had_keys = bool(self._keys)  # the first fetch of the process is not a "refetch"
+        try:
+            await asyncio.shield(self._start_refresh())
+        except Exception as exc:  # the provider is down or sent garbage
+            self._refetched_at = now
+            raise AuthError("the identity provider's signing keys are unavailable") from exc
+        if had_keys:
+            self._refetched_at = now
+        key = self._keys.get(kid)
+        if key is None:
+            raise AuthError("unknown signing key")
+        return key
+
+    def _start_refresh(self) -> asyncio.Task[None]:
+        """One fetch at a time: a refresh already under way is shared."""
+        if self._inflight is None or self._inflight.done():
+            self._inflight = asyncio.ensure_future(self._fetch())
+            self._inflight.add_done_callback(self._fetched)
+        return self._inflight
+
+    def _fetched(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self._retry_at = time.monotonic() + self.cooldown
+            log.warning("JWKS fetch from %s failed (keeping the last good keys): %s", self.url, exc)
+
+    async def _fetch(self) -> None:
+        found = await asyncio.to_thread(self._client.get_signing_keys, True)
+        keys: dict[str, RSAPublicKey] = {}
+        for jwk in found:
+            key = jwk.key
+            if (
+                jwk.key_id
+                and jwk.key_type == "RSA"
+                and jwk.algorithm_name == JWKS_ALGORITHM
+                and isinstance(key, RSAPublicKey)
+                and key.key_size >= MIN_RSA_BITS
+            ):
+                keys[jwk.key_id] = key
+            else:
+                log.info("JWKS key %r is not an RS256 public signing key: ignored", jwk.key_id)
+        if not keys:
+            raise jwt.PyJWKClientError("the JWKS holds no usable RS256 signing key")
+        self._keys = keys
+        self._fetched_at = time.monotonic()
+
+
+_jwks: dict[tuple[str, float], JwksKeys] = {}
+
+
+def jwks_keys(settings: Settings) -> JwksKeys | None:
+    """The process's key store for the configured JWKS (``None`` without one)."""
+    url = settings.credits_jwks_url
+    if not url:
+        return None
+    ident = (url, settings.credits_jwks_cache_seconds)
+    store = _jwks.get(ident)
+    if store is None:
+        store = _jwks[ident] = JwksKeys(url, max_age=settings.credits_jwks_cache_seconds)
+    return store
+
+
+def _header(token: str) -> tuple[str, str | None]:
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.PyJWTError as exc:
+        raise AuthError(str(exc)) from exc
+    alg, kid = header.get("alg"), header.get("kid")
+    if not isinstance(alg, str):
+        raise AuthError("token header has no algorithm")
+    if kid is not None and (not isinstance(kid, str) or not 0 < len(kid) <= 256):
+        raise AuthError("token header 'kid' is malformed")
+    return alg, kid
+
+
+def _decode(token: str, key: Any, algorithm: str, settings: Settings) -> Principal:
+    audience, issuer = settings.credits_jwt_audience, settings.credits_jwt_issuer
+    required = ["exp", "sub"] + (["aud"] if audience else []) + (["iss"] if issuer else [])
     try:
         claims = jwt.decode(
             token,
-            settings.jwt_secret,
-            algorithms=ALGORITHMS,
-            options={"require": ["exp", "sub"]},
+            key,
+            algorithms=[algorithm],
+            audience=audience,
+            issuer=issuer,
+            options={"require": required, "enforce_minimum_key_length": True},
             leeway=LEEWAY_SECONDS,
         )
     except jwt.PyJWTError as exc:
         raise AuthError(str(exc)) from exc
     return principal_from_claims(claims)
+
+
+def _refuse(alg: str, settings: Settings) -> AuthError:
+    accepted = [
+        a
+        for a, on in (("RS256", bool(settings.credits_jwks_url)), ("HS256", settings.hs256_enabled))
+        if on
+    ]
+    return AuthError(f"token algorithm {alg[:20]!r} is not accepted (only {', '.join(accepted)})")
+
+
+async def authenticate(token: str, settings: Settings) -> Principal:
+    """Verify signature, expiry and (when configured) audience and issuer; return who is
+    calling. Raises ``AuthError`` (HTTP 401). May fetch the JWKS, off the event loop."""
+    alg, kid = _header(token)
+    store = jwks_keys(settings)
+    if alg == JWKS_ALGORITHM and store is not None:
+        if kid is None:
+            raise AuthError("token header has no 'kid'")
+        return _decode(token, await store.key(kid), JWKS_ALGORITHM, settings)
+    if alg == "HS256" and settings.hs256_enabled:
+        return _decode(token, settings.jwt_secret, "HS256", settings)
+    raise _refuse(alg, settings)
+
+
+def verify_token(token: str, settings: Settings) -> Principal:
+    """``authenticate`` for code that can't await: HS256, and RS256 only with a key that
+    is already cached (it never fetches the JWKS). Prefer ``authenticate``."""
+    alg, kid = _header(token)
+    store = jwks_keys(settings)
+    if alg == JWKS_ALGORITHM and store is not None:
+        key = store.cached(kid) if kid is not None else None
+        if key is None:
+            raise AuthError("unknown signing key")
+        return _decode(token, key, JWKS_ALGORITHM, settings)
+    if alg == "HS256" and settings.hs256_enabled:
+        return _decode(token, settings.jwt_secret, "HS256", settings)
+    raise _refuse(alg, settings)
 
 
 def bearer_token(header: str | None) -> str:
@@ -105,4 +295,8 @@ def issue_token(
         claims["email"] = email
     if name:
         claims["name"] = name
+    if settings.credits_jwt_audience:
+        claims["aud"] = settings.credits_jwt_audience
+    if settings.credits_jwt_issuer:
+        claims["iss"] = settings.credits_jwt_issuer
     return jwt.encode(claims, settings.jwt_secret, algorithm="HS256")

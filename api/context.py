@@ -16,6 +16,7 @@ from billing.gateways import PaymentGateway
 from billing.models import Card, Member, Payment
 from billing.pricing import PriceBook
 from billing.settings import Settings
+from workers.live import Broadcaster
 from workers.queue import JobQueue
 
 
@@ -52,8 +53,13 @@ class Context:
     gateway: PaymentGateway
     book: PriceBook
     queue: JobQueue
+    live: Broadcaster  # live balance updates (``creditBalanceChanged``)
     request: Any = None
     response: Any = None
+    #: Over a websocket: what ``connection_init`` carried (Strawberry sets it) and when the
+    #: token it authenticated with expires (epoch seconds).
+    connection_params: dict[str, Any] | None = None
+    token_expires_at: float | None = None
     cards: DataLoader[uuid.UUID, Card | None] = field(
         default_factory=lambda: DataLoader(load_fn=_load_cards)
     )
@@ -63,6 +69,12 @@ class Context:
     members: DataLoader[tuple[str, str], Member | None] = field(
         default_factory=lambda: DataLoader(load_fn=_load_members)
     )
+
+    def fresh_loaders(self) -> None:
+        """Forget what the loaders cached (a websocket's context outlives many results)."""
+        self.cards = DataLoader(load_fn=_load_cards)
+        self.payments = DataLoader(load_fn=_load_payments)
+        self.members = DataLoader(load_fn=_load_members)
 
     def require(self, *roles: Role) -> None:
         if not self.principal.has(*roles):

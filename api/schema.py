@@ -1,29 +1,47 @@
-"""The GraphQL schema: queries and mutations. Resolvers parse, call one billing function,
-and map the result; expected failures come back in ``errors``."""
+"""The GraphQL schema: queries, mutations and the live balance subscription. Resolvers
+parse, call one billing function, and map the result; expected failures come back in
+``errors``. Work that can move a balance runs through ``changing``: once it has committed,
+live subscribers hear of it and the notices it wrote are sent."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import TypeVar
 
 import strawberry
 from graphql import GraphQLError
-from strawberry.extensions import MaskErrors, ParserCache, ValidationCache
+from graphql.validation import ASTValidationRule, NoSchemaIntrospectionCustomRule
+from strawberry.extensions import (
+    AddValidationRules,
+    MaskErrors,
+    MaxAliasesLimiter,
+    MaxTokensLimiter,
+    ParserCache,
+    QueryDepthLimiter,
+    SchemaExtension,
+    ValidationCache,
+)
 from tortoise.transactions import in_transaction
 
 from api import ids
 from api.context import bad_input, forbidden
+from api.metrics import MetricsExtension
 from api.types import (
     AutoRecharge,
     AutoRechargeTrigger,
     BillingAddressInput,
     Card,
     CreditAccount,
+    CreditBalanceChange,
     CreditPricing,
     CreditTransaction,
     CtxInfo,
+    LowBalanceAlert,
     MeteredUsage,
     Payment,
     ProcessType,
@@ -33,10 +51,12 @@ from api.types import (
     card_or_none,
     transaction_or_none,
 )
-from billing import autorecharge, batch, cards, purchases, usage
+from billing import autorecharge, batch, cards, changes, ledger, lowbalance, purchases, usage
 from billing.accounts import get_account
 from billing.enums import Role as R
 from billing.errors import BillingError
+from billing.settings import Settings
+from workers.live import BalanceEvent, Broadcaster, Listener, LiveUnavailable, publish_changes
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -53,6 +73,20 @@ async def attempt(work: Callable[[], Awaitable[T]]) -> T | list[UserError]:
 async def in_tx(work: Callable[[], Awaitable[T]]) -> T:
     async with in_transaction():
         return await work()
+
+
+async def changing(info: CtxInfo, work: Callable[[], Awaitable[T]]) -> T | list[UserError]:
+    """``attempt`` for work that may move balances: once it has committed, publish the
+    balance changes (live subscriptions) and queue the notices it wrote."""
+    with changes.collect() as changed:
+        result = await attempt(work)
+    if not isinstance(result, list):  # a refusal wrote nothing
+        await _published(info, changed)
+    return result
+
+
+async def _published(info: CtxInfo, changed: changes.Changes) -> None:
+    await publish_changes(changed, live=info.context.live, queue=info.context.queue)
 
 
 # ---------------------------------------------------------------- inputs and payloads
@@ -185,6 +219,21 @@ class GrantCreditsInput:
     credits: int
     reason: str
     idempotency_key: str
+
+
+@strawberry.input(description="The low-balance e-mail: replaces the whole setting.")
+class LowBalanceAlertInput:
+    enabled: bool
+    level_credits: int | None = strawberry.field(
+        default=None,
+        description="Required to turn it on: 1 to the largest purchase (ignored when off).",
+    )
+
+
+@strawberry.type
+class LowBalanceAlertPayload:
+    low_balance_alert: LowBalanceAlert | None = None
+    errors: list[UserError] = strawberry.field(default_factory=list)
 
 
 # ---------------------------------------------------------------- queries
@@ -333,7 +382,8 @@ class Mutation:
         ctx = info.context
         ctx.require(R.ADMIN)
         given = input.card_id is not strawberry.UNSET and input.card_id is not None
-        result = await attempt(
+        result = await changing(
+            info,
             lambda: purchases.purchase_credits(
                 ctx.gateway,
                 ctx.book,
@@ -343,7 +393,7 @@ class Mutation:
                 card_id=_card_id(input.card_id) if given else None,
                 card_id_given=given,
                 idempotency_key=input.idempotency_key,
-            )
+            ),
         )
         return _purchase_payload(result)
 
@@ -359,12 +409,13 @@ class Mutation:
     ) -> PurchaseCreditsPayload:
         ctx = info.context
         ctx.require(R.ADMIN)
-        result = await attempt(
+        result = await changing(
+            info,
             lambda: purchases.confirm_purchase(
                 ctx.gateway,
                 account_id=ctx.principal.account_id,
                 payment_id=ids.decode("Payment", str(input.payment_id)),
-            )
+            ),
         )
         return _purchase_payload(result)
 
@@ -409,7 +460,8 @@ class Mutation:
         ctx = info.context
         ctx.require(R.SERVICE)
         ctx.own_account_or_forbidden(str(input.account_id))
-        result = await attempt(
+        result = await changing(
+            info,
             lambda: in_tx(
                 lambda: usage.consume(
                     ctx.book,
@@ -420,7 +472,7 @@ class Mutation:
                     reference=input.reference,
                     idempotency_key=input.idempotency_key,
                 )
-            )
+            ),
         )
         if isinstance(result, list):
             return ConsumeCreditsPayload(errors=result)
@@ -459,7 +511,9 @@ class Mutation:
             )
             for i in inputs
         ]
-        result = await in_tx(lambda: batch.consume_batch(ctx.book, items))
+        with changes.collect() as changed:
+            result = await in_tx(lambda: batch.consume_batch(ctx.book, items))
+        await _published(info, changed)
         for account_id, seq in result.recharges.items():
             await _after_debit(info, account_id, seq)
         return [
@@ -481,7 +535,8 @@ class Mutation:
     ) -> CreditTransactionPayload:
         ctx = info.context
         ctx.require(R.SERVICE, R.BILLING_STAFF)
-        result = await attempt(
+        result = await changing(
+            info,
             lambda: in_tx(
                 lambda: usage.reverse_usage(
                     entry_id=ids.decode("CreditTransaction", str(input.transaction_id)),
@@ -490,7 +545,7 @@ class Mutation:
                     user_id=ctx.principal.user_id,
                     scope_account_id=_scope(info),
                 )
-            )
+            ),
         )
         if isinstance(result, list):
             return CreditTransactionPayload(errors=result)
@@ -540,6 +595,98 @@ class Mutation:
     ) -> CreditTransactionPayload:
         return await _staff_credits(info, input, adjust=True)
 
+    @strawberry.mutation(
+        description="Set or turn off the admins' low-balance e-mail (sent once each time "
+        "the balance falls below the level)."
+    )
+    async def update_low_balance_alert(
+        self,
+        info: CtxInfo,
+        input: LowBalanceAlertInput,
+    ) -> LowBalanceAlertPayload:
+        ctx = info.context
+        ctx.require(R.ADMIN)
+        result = await changing(
+            info,
+            lambda: in_tx(
+                lambda: lowbalance.update_alert(
+                    ctx.book,
+                    ctx.principal.account_id,
+                    enabled=input.enabled,
+                    level_credits=input.level_credits,
+                )
+            ),
+        )
+        if isinstance(result, list):
+            return LowBalanceAlertPayload(errors=result)
+        return LowBalanceAlertPayload(low_balance_alert=LowBalanceAlert.of(result))
+
+
+# ---------------------------------------------------------------- subscriptions
+
+
+@strawberry.type
+class Subscription:
+    @strawberry.subscription(
+        description="The caller's account balance as it changes (admins; over "
+        "graphql-transport-ws, the token in connection_init's payload as "
+        '{"authorization": "Bearer <token>"}). The first event is the balance when the '
+        "subscription starts (transaction null); then one per ledger entry: spends, "
+        "purchases, recharges, grants, corrections, refunds. Ends with an UNAUTHENTICATED "
+        "error when the token expires."
+    )
+    async def credit_balance_changed(
+        self, info: CtxInfo
+    ) -> AsyncGenerator[CreditBalanceChange, None]:
+        ctx = info.context
+        ctx.require(R.ADMIN)  # refused before the stream starts: an `error` message
+        return _balance_changes(info)
+
+
+async def _balance_changes(info: CtxInfo) -> AsyncGenerator[CreditBalanceChange, None]:
+    ctx = info.context
+    account_id = ctx.principal.account_id
+    async with _listening(ctx.live, account_id) as events:  # listening before the first read
+        yield CreditBalanceChange(balance=await ledger.balance_of(account_id), transaction=None)
+        while True:
+            event = await _next_event(info, events)
+            ctx.fresh_loaders()  # the socket's context lives on: don't serve stale rows
+            entry = event.entry
+            # The last event of a burst reads the balance again, so the newest figure shown
+            # is right even if events from several processes arrived out of order.
+            balance = (
+                entry.balance_after
+                if entry is not None and events.pending()
+                else await ledger.balance_of(account_id)
+            )
+            yield CreditBalanceChange(balance=balance, transaction=transaction_or_none(entry))
+
+
+@asynccontextmanager
+async def _listening(live: Broadcaster, account_id: str) -> AsyncIterator[Listener]:
+    try:
+        async with live.listen(account_id) as events:
+            yield events
+    except LiveUnavailable:
+        raise GraphQLError(
+            "Live updates are unavailable right now: try again shortly.",
+            extensions={"code": "SERVICE_UNAVAILABLE"},
+        ) from None
+
+
+async def _next_event(info: CtxInfo, events: Listener) -> BalanceEvent:
+    expires_at = info.context.token_expires_at
+    if expires_at is None:
+        return await events.get()
+    try:
+        async with asyncio.timeout(max(0.0, expires_at - time.time())):
+            return await events.get()
+    except TimeoutError:
+        raise GraphQLError(
+            "The token has expired: subscribe again with a new one.",
+            extensions={"code": "UNAUTHENTICATED"},
+        ) from None
+
 
 async def _after_debit(info: CtxInfo, account_id: str, recharge_seq: int | None) -> None:
     """After commit: a balance left below its threshold gets its recharge job. One job id
@@ -571,7 +718,8 @@ async def _staff_credits(
 ) -> CreditTransactionPayload:
     ctx = info.context
     ctx.require(R.BILLING_STAFF)
-    result = await attempt(
+    result = await changing(
+        info,
         lambda: in_tx(
             lambda: usage.grant_or_adjust(
                 account_id=str(input.account_id),
@@ -581,7 +729,7 @@ async def _staff_credits(
                 user_id=ctx.principal.user_id,
                 adjust=adjust,
             )
-        )
+        ),
     )
     if isinstance(result, list):
         return CreditTransactionPayload(errors=result)
@@ -597,13 +745,44 @@ def should_mask_error(error: GraphQLError) -> bool:
     return original is not None and not isinstance(original, GraphQLError)
 
 
-schema = strawberry.Schema(
-    query=Query,
-    mutation=Mutation,
-    types=[Role],
-    extensions=[
+# Room to spare for the billing page, the platform services and GraphiQL's introspection
+# query (tests/test_hardening.py checks them); abusive documents are refused before they run.
+MAX_QUERY_DEPTH = 10
+MAX_ALIASES = 15
+MAX_TOKENS = 2_000
+
+
+def hardening_rules(settings: Settings | None = None) -> list[type[ASTValidationRule]]:
+    """Strawberry's depth and alias limiters' rules, and no introspection when
+    ``settings`` turn it off."""
+    rules = [
+        *QueryDepthLimiter(max_depth=MAX_QUERY_DEPTH).validation_rules,
+        *MaxAliasesLimiter(max_alias_count=MAX_ALIASES).validation_rules,
+    ]
+    if settings is not None and not settings.introspection_enabled:
+        rules.append(NoSchemaIntrospectionCustomRule)
+    return rules
+
+
+def build_schema(settings: Settings | None = None) -> strawberry.Schema:
+    """The schema with its hardening. Introspection follows ``settings`` (on without them:
+    ``make schema`` exports the default ``schema`` below)."""
+    rules = hardening_rules(settings)  # made once per schema, so ValidationCache can hit
+    extensions: list[Callable[[], SchemaExtension]] = [
+        MetricsExtension,  # first: it times everything the others do
+        lambda: MaxTokensLimiter(max_token_count=MAX_TOKENS),
         ParserCache,
+        lambda: AddValidationRules(rules),
         ValidationCache,
         lambda: MaskErrors(should_mask_error=should_mask_error, error_message="Internal error."),
-    ],
-)
+    ]
+    return strawberry.Schema(
+        query=Query,
+        mutation=Mutation,
+        subscription=Subscription,
+        types=[Role],
+        extensions=extensions,
+    )
+
+
+schema = build_schema()

@@ -9,7 +9,7 @@ from strawberry.types import Info
 
 from api import ids
 from api.context import Context, bad_input
-from billing import enums, history, invoices, quota
+from billing import enums, history, invoices, lowbalance, quota
 from billing.autorecharge import get_setting
 from billing.cards import active_cards, primary_card
 from billing.errors import UserError as DomainError
@@ -515,6 +515,35 @@ class Invoice:
         ]
 
 
+@strawberry.type(
+    description="Admins get one BALANCE_LOW e-mail each time the balance falls below "
+    "levelCredits: by a spend (or any debit) from at or above it, or when a new level is set "
+    "above a balance that was not low before. It is sent again only after the balance has "
+    "been back at or above the level."
+)
+class LowBalanceAlert:
+    enabled: bool
+    level_credits: int | None
+    is_low: bool = strawberry.field(description="The balance is below the level now.")
+
+    @classmethod
+    def of(cls, alert: lowbalance.LowBalanceAlert) -> LowBalanceAlert:
+        return cls(enabled=alert.enabled, level_credits=alert.level_credits, is_low=alert.is_low)
+
+
+@strawberry.type(
+    description="A change of the account's balance, as it happens (creditBalanceChanged)."
+)
+class CreditBalanceChange:
+    balance: int = strawberry.field(
+        description="The balance now (read again for the latest change of a burst)."
+    )
+    transaction: CreditTransaction | None = strawberry.field(
+        description="The entry that changed it; null for the first event of a subscription "
+        "(the balance when it started) and after a gap in the feed (read the history again)."
+    )
+
+
 @strawberry.type
 class CreditAccount:
     model: strawberry.Private[Account]
@@ -537,6 +566,12 @@ class CreditAccount:
     @strawberry.field
     def flagged_at(self) -> datetime | None:
         return self.model.flagged_at
+
+    @strawberry.field(description="The e-mail the admins get when the balance falls low.")
+    def low_balance_alert(self) -> LowBalanceAlert:
+        return LowBalanceAlert.of(
+            lowbalance.LowBalanceAlert(self.model.low_balance_level, self.model.balance)
+        )
 
     @strawberry.field
     async def cards(self) -> list[Card]:

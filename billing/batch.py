@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from billing import idempotency, sql
+from billing import changes, idempotency, lowbalance, sql
 from billing.enums import BillingMode, ErrorCode, ProcessType, TransactionType
 from billing.errors import BillingError, UserError, Validator
 from billing.models import LedgerEntry
@@ -197,7 +197,8 @@ async def _apply(
     lock = " ORDER BY id FOR NO KEY UPDATE" if sql.is_postgres(conn) else ""
     marks = ", ".join("?" * len(accounts))
     rows = await sql.fetch(
-        "SELECT id, balance, timezone, recharge_threshold, recharge_seq FROM credit_account "
+        "SELECT id, balance, timezone, recharge_threshold, recharge_seq, low_balance_level "
+        "FROM credit_account "
         f"WHERE id IN ({marks}){lock}",
         *accounts,
     )
@@ -235,6 +236,15 @@ async def _apply(
             and balance[acct] < int(r["balance"])
         ):
             recharges[acct] = int(r["recharge_seq"])
+        level = None if r["low_balance_level"] is None else int(r["low_balance_level"])
+        if level is not None and lowbalance.turned_low(int(r["balance"]), balance[acct], level):
+            # The batch only spends: the balance crossed the level once, at this entry.
+            crossing = next(
+                w for w in accepted if w.item.account_id == acct and w.balance_after < level
+            )
+            await lowbalance.notify(
+                acct, balance[acct], level, f"balance-low:{acct}:{crossing.entry_id}"
+            )
     return refused
 
 
@@ -364,6 +374,7 @@ async def _write(
                 payment_id=None,
                 reverses_entry_id=None,
             )
+            changes.entry_posted(entry)
         out[w.index] = ConsumeResult(entry, w.balance_after, w.free)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -87,3 +88,19 @@ async def page(account_id: str, flt: HistoryFilter, first: int, after: Position 
         "-created_at", "-id"
     ).limit(first + 1)
     return Page(rows[:first], len(rows) > first)
+
+
+async def chunks(
+    account_id: str, flt: HistoryFilter, size: int = 500
+) -> AsyncIterator[list[LedgerEntry]]:
+    """The whole filtered history, newest first, ``size`` entries a query (keyset, so each
+    query costs the same however deep it goes, and only one chunk is held at a time)."""
+    after: Position | None = None
+    while True:
+        result = await page(account_id, flt, size, after)
+        if result.entries:
+            yield result.entries
+        if not result.has_next:
+            return
+        last = result.entries[-1]
+        after = Position(last.created_at, last.id)

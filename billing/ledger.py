@@ -3,7 +3,10 @@
 Every movement is one conditional ``UPDATE`` of the account's balance (which takes the
 row lock on PostgreSQL; SQLite serialises writers) followed by the entry's ``INSERT``,
 in the caller's transaction. A debit is ``... WHERE balance + credits >= 0``: it can
-never overdraw, however many run at once.
+never overdraw, however many run at once. Its ``RETURNING`` also says whether the debit
+left the balance under the auto-recharge threshold or took it under the low-balance alert
+level, so a spend costs no extra query. Each entry is reported to the caller's
+``changes`` collector (live balance updates after commit).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from billing import sql
+from billing import changes, lowbalance, sql
 from billing.enums import ErrorCode, ProcessType, TransactionType
 from billing.errors import fail
 from billing.models import LedgerEntry
@@ -59,7 +62,7 @@ async def post_returning(movement: Movement) -> Posted:
         rows = await sql.fetch(
             "UPDATE credit_account SET balance = balance + ? "
             "WHERE id = ? AND balance + ? >= 0 "
-            "RETURNING balance, recharge_threshold, recharge_seq",
+            "RETURNING balance, recharge_threshold, recharge_seq, low_balance_level",
             movement.credits,
             movement.account_id,
             movement.credits,
@@ -117,6 +120,18 @@ async def post_returning(movement: Movement) -> Posted:
         payment_id=movement.payment_id,
         reverses_entry_id=movement.reverses_entry_id,
     )
+    if movement.credits < 0:
+        raw_level = rows[0]["low_balance_level"]
+        level = None if raw_level is None else int(raw_level)
+        if lowbalance.turned_low(balance_after - movement.credits, balance_after, level):
+            assert level is not None
+            await lowbalance.notify(
+                movement.account_id,
+                balance_after,
+                level,
+                f"balance-low:{movement.account_id}:{entry_id}",
+            )
+    changes.entry_posted(entry)
     return Posted(entry, int(rows[0]["recharge_seq"]) if below else None)
 
 

@@ -29,6 +29,7 @@ class Account(Model):
     gateway_customer_id = fields.CharField(max_length=255, null=True)
     recharge_threshold = fields.BigIntField(null=True)  # set while THRESHOLD auto-recharge is on
     recharge_seq = fields.IntField(default=0)  # bumps when a threshold recharge settles
+    low_balance_level = fields.BigIntField(null=True)  # the admins' low-balance alert (None: off)
     flag_reason = fields.CharField(max_length=500, null=True)
     flagged_at = fields.DatetimeField(null=True)
     created_at = fields.DatetimeField(auto_now_add=True)

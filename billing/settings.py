@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -32,7 +33,16 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65535)
     price_book_path: Path = Path(__file__).with_name("pricebook.toml")
     graphiql_enabled: bool | None = None
+    graphql_introspection: bool | None = None  # None: on in development, off in production
+    credits_jwks_url: str | None = None  # the identity provider's JWKS (RS256 tokens)
+    credits_jwks_cache_seconds: float = Field(default=300.0, ge=1, le=86_400)
+    credits_jwt_audience: str | None = None  # when set, tokens must carry this `aud`
+    credits_jwt_issuer: str | None = None  # when set, tokens must carry this `iss`
     log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"  # JSON lines with the request id
+    readiness_timeout_seconds: float = Field(default=2.0, gt=0, le=60)  # per /readyz check
+    shutdown_grace_seconds: int = Field(default=30, ge=0, le=3600)  # finish in-flight work
+    worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)  # arq /metrics
     smtp_url: str | None = None  # None: e-mails are written to the log (billing.mailer)
     mail_from: str = "Purchase Credits <credits@localhost>"
 
@@ -41,12 +51,33 @@ class Settings(BaseSettings):
         secret = self.credits_jwt_secret
         if secret is None:
             if self.credits_env == "production":
-                raise ValueError("CREDITS_JWT_SECRET is required when CREDITS_ENV=production")
-            self.credits_jwt_secret = SecretStr(DEV_JWT_SECRET)
+                if not self.credits_jwks_url:
+                    raise ValueError(
+                        "CREDITS_JWKS_URL (RS256) or CREDITS_JWT_SECRET (HS256) is required "
+                        "when CREDITS_ENV=production"
+                    )
+            else:
+                self.credits_jwt_secret = SecretStr(DEV_JWT_SECRET)
         elif len(secret.get_secret_value().encode()) < MIN_SECRET_BYTES:
             raise ValueError(f"CREDITS_JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes")
         elif self.credits_env == "production" and secret.get_secret_value() == DEV_JWT_SECRET:
             raise ValueError("the development JWT secret cannot be used in production")
+        return self
+
+    @model_validator(mode="after")
+    def _check_jwks(self) -> Settings:
+        self.credits_jwt_audience = self.credits_jwt_audience or None  # empty: not checked
+        self.credits_jwt_issuer = self.credits_jwt_issuer or None
+        url = self.credits_jwks_url
+        if not url:
+            self.credits_jwks_url = None
+            return self
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("CREDITS_JWKS_URL must be an http(s) URL")
+        loopback = parts.hostname in ("localhost", "127.0.0.1", "::1")
+        if self.is_production and parts.scheme != "https" and not loopback:
+            raise ValueError("CREDITS_JWKS_URL must use https when CREDITS_ENV=production")
         return self
 
     @model_validator(mode="after")
@@ -70,6 +101,20 @@ class Settings(BaseSettings):
     def jwt_secret(self) -> str:
         assert self.credits_jwt_secret is not None
         return self.credits_jwt_secret.get_secret_value()
+
+    @property
+    def hs256_enabled(self) -> bool:
+        """HS256 tokens (the shared secret) are accepted: always in development, and in
+        production only when no JWKS is configured (then RS256 alone is accepted)."""
+        return self.credits_jwt_secret is not None and not (
+            self.is_production and self.credits_jwks_url
+        )
+
+    @property
+    def introspection_enabled(self) -> bool:
+        if self.graphql_introspection is not None:
+            return self.graphql_introspection
+        return not self.is_production
 
     @property
     def is_production(self) -> bool:

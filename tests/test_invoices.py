@@ -263,7 +263,10 @@ async def test_concurrent_charges_of_one_invoice_charge_once(
             *(jobs.charge(closed.invoice.id) for _ in range(4)),
             invoices.charge_invoice(gateway, closed.invoice.id),
         )
-        assert sorted(str(o) for o in outcomes) == ["not_due"] * 4 + ["paid"]
+        # One call charges; the others find it claimed ("not_due") or, if they start
+        # after it finished, already paid. Either way nobody charges a second time.
+        assert "paid" in [str(o) for o in outcomes]
+        assert set(str(o) for o in outcomes) <= {"not_due", "paid"}
         assert await jobs.charge(closed.invoice.id) == "paid"  # already paid: no charge
     assert gateway.charge_count == charges + 1
     assert await Payment.filter(account_id=admin.account_id).count() == 1

@@ -73,6 +73,19 @@ async def intent(h: StripeHarness, intent_id: str) -> dict[str, Any]:
     return dict(response.json())
 
 
+async def _intent_of(h: StripeHarness, payment_id: str) -> dict[str, Any]:
+    """The PaymentIntent tagged with our payment row (localstripe lists oldest first and
+    the session makes many: page through them all)."""
+    params: dict[str, Any] = {"limit": 100}
+    while True:
+        listed = (await h.http.get("/v1/payment_intents", params=params)).json()
+        for p in listed["data"]:
+            if p["metadata"].get("payment_id") == payment_id:
+                return dict(p)
+        assert listed["has_more"], f"no PaymentIntent for payment {payment_id}"
+        params["starting_after"] = listed["data"][-1]["id"]
+
+
 async def payment_row(payment_gid: str) -> Payment:
     payment_id = ids.decode("Payment", payment_gid)
     assert payment_id is not None
@@ -280,8 +293,7 @@ async def test_crash_after_charge_is_healed_by_the_event(
     assert row.status.value == "PENDING" and row.gateway_payment_id is None
     assert await balance(admin) == 0
     # Stripe holds the succeeded PaymentIntent, tagged with our payment row.
-    listed = (await stripe_harness.http.get("/v1/payment_intents", params={"limit": 100})).json()
-    pi = next(p for p in listed["data"] if p["metadata"].get("payment_id") == str(row.id))
+    pi = await _intent_of(stripe_harness, str(row.id))
     assert pi["status"] == "succeeded"
     for _ in range(2):  # the event, delivered twice
         assert (await post_event(http, event("payment_intent.succeeded", pi))).status_code == 200

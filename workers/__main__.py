@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from arq import run_worker
 
+from billing import logs
 from billing.settings import get_settings
 from workers.settings import WorkerSettings
 
 
 def main() -> None:
-    logging.basicConfig(
-        level=get_settings().log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    settings = get_settings()
+    logs.configure(settings.log_level, settings.log_format)
     run_worker(WorkerSettings)  # type: ignore[arg-type]
+    # arq has finished its jobs and closed the ORM. Tortoise may still hold a connection
+    # opened from a job's task context (aiosqlite keeps a non-daemon thread per
+    # connection), which would keep the process alive after a clean shutdown: leave now.
+    logging.shutdown()
+    os._exit(0)
 
 
 if __name__ == "__main__":

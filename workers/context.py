@@ -8,6 +8,7 @@ if TYPE_CHECKING:
     from billing.gateways import PaymentGateway
     from billing.pricing import PriceBook
     from billing.settings import Settings
+    from workers.live import Broadcaster
     from workers.queue import JobQueue
 
 
@@ -17,4 +18,5 @@ class JobContext(TypedDict, total=False):
     book: PriceBook
     queue: JobQueue  # to enqueue follow-up jobs (after the job's own commit)
     mailer: Any  # billing.mailer.Mailer
+    live: Broadcaster  # live balance updates, published after the job's commit
     job_id: str

@@ -1,5 +1,6 @@
 """Job functions: each parses its arguments, calls one ``billing`` function (which owns or
-is given its transaction), and enqueues follow-up jobs after that commit."""
+is given its transaction), and enqueues follow-up jobs after that commit. A job that can
+move a balance collects its changes and publishes them (live balance) after the commit."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ from typing import Any
 
 from tortoise.transactions import in_transaction
 
-from billing import recharge, webhooks
+from billing import changes, recharge, webhooks
 from billing.enums import AutoRechargeTrigger
 from workers.context import JobContext
 from workers.invoicing import INVOICE_FUNCTIONS
+from workers.live import publish_changes
 from workers.mail import MAIL_FUNCTIONS
+from workers.metrics import count_recharge, instrument
 from workers.queue import JobFunction
 
 log = logging.getLogger(__name__)
@@ -27,30 +30,44 @@ async def send_notifications_later(ctx: JobContext, notification_ids: Iterable[i
         )
 
 
+async def after_commit(ctx: JobContext, changed: changes.Changes) -> None:
+    """Publish the balance changes the job committed and send the notices it wrote."""
+    await publish_changes(changed, live=ctx.get("live"), queue=ctx.get("queue"))
+
+
 async def process_gateway_event(ctx: JobContext, event_id: int) -> bool:
     """Apply a stored gateway (Stripe) event; a no-op if it was already applied."""
-    async with in_transaction():
-        return await webhooks.process(event_id)
+    with changes.collect() as changed:
+        async with in_transaction():
+            done = await webhooks.process(event_id)
+    await after_commit(ctx, changed)
+    return done
 
 
 async def threshold_recharge(ctx: JobContext, account_id: str) -> str:
     """Recharge an account that fell below its threshold (re-checked under its lock)."""
-    result = await recharge.run(
-        ctx["gateway"], ctx["book"], account_id, AutoRechargeTrigger.THRESHOLD
-    )
+    with changes.collect() as changed:
+        result = await recharge.run(
+            ctx["gateway"], ctx["book"], account_id, AutoRechargeTrigger.THRESHOLD
+        )
+    await after_commit(ctx, changed)
+    count_recharge(AutoRechargeTrigger.THRESHOLD.value, result.outcome.value)
     await send_notifications_later(ctx, result.notification_ids)
     return result.outcome.value
 
 
 async def scheduled_recharge(ctx: JobContext, account_id: str, due_at: str) -> str:
     """The scheduled recharge due at ``due_at`` (ISO), once."""
-    result = await recharge.run(
-        ctx["gateway"],
-        ctx["book"],
-        account_id,
-        AutoRechargeTrigger.SCHEDULE,
-        datetime.fromisoformat(due_at),
-    )
+    with changes.collect() as changed:
+        result = await recharge.run(
+            ctx["gateway"],
+            ctx["book"],
+            account_id,
+            AutoRechargeTrigger.SCHEDULE,
+            datetime.fromisoformat(due_at),
+        )
+    await after_commit(ctx, changed)
+    count_recharge(AutoRechargeTrigger.SCHEDULE.value, result.outcome.value)
     await send_notifications_later(ctx, result.notification_ids)
     return result.outcome.value
 
@@ -83,7 +100,9 @@ async def sweep(ctx: JobContext) -> dict[str, int]:
     healed = 0
     for payment_id in stuck:
         try:
-            await recharge.heal_payment(ctx["gateway"], payment_id)
+            with changes.collect() as changed:
+                await recharge.heal_payment(ctx["gateway"], payment_id)
+            await after_commit(ctx, changed)
             healed += 1
         except Exception:
             log.exception("could not settle stuck payment %s", payment_id)
@@ -118,4 +137,5 @@ PERIODIC: dict[str, int] = {
 
 
 def all_functions() -> dict[str, Any]:
-    return dict(FUNCTIONS)
+    """Every job function, timed and counted (``workers.metrics``)."""
+    return {name: instrument(name, function) for name, function in FUNCTIONS.items()}

@@ -91,5 +91,9 @@ class ArqQueue:
             return False
         return True
 
+    async def ping(self) -> None:
+        """Raises when Redis can't be reached (``/readyz``)."""
+        await self.pool.ping()
+
     async def close(self) -> None:
         await self.pool.aclose()

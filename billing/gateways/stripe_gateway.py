@@ -257,3 +257,17 @@ class StripeGateway:
         except _TRANSIENT as exc:
             raise GatewayUnavailable(str(exc)) from exc
         return charge_result(intent.to_dict())
+
+    async def retrieve_intent(self, gateway_payment_id: str) -> dict[str, Any] | None:
+        """The PaymentIntent as Stripe has it (``None`` if Stripe doesn't know the id), for
+        reconciliation: status, amount, currency."""
+        try:
+            intent = await self.client.v1.payment_intents.retrieve_async(gateway_payment_id)
+        except stripe.InvalidRequestError as exc:
+            if exc.http_status == 404:
+                return None
+            raise
+        except _TRANSIENT as exc:
+            raise GatewayUnavailable(str(exc)) from exc
+        data: dict[str, Any] = intent.to_dict()
+        return data

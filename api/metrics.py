@@ -1,0 +1,195 @@
+"""Prometheus metrics of the API: request latency (by GraphQL operation name, and by HTTP
+route), spends and purchases by outcome. Job metrics live in ``workers.metrics``; both
+register in prometheus-client's default registry, which ``GET /metrics`` serves.
+
+With several uvicorn worker processes, set ``PROMETHEUS_MULTIPROC_DIR`` (an empty
+directory) and each scrape aggregates every process (prometheus-client's multiprocess mode).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from inspect import isawaitable
+from typing import Any
+
+from graphql import GraphQLError
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as prometheus_multiprocess
+from starlette.requests import Request
+from starlette.responses import Response
+from strawberry.extensions import SchemaExtension
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+GRAPHQL_DURATION = Histogram(
+    "credits_graphql_request_duration_seconds",
+    "GraphQL operations: time from parsing to result, by operation name and type.",
+    ["operation", "operation_type"],
+    buckets=LATENCY_BUCKETS,
+)
+HTTP_DURATION = Histogram(
+    "credits_http_request_duration_seconds",
+    "HTTP requests: time to the end of the response, by route and status.",
+    ["method", "route", "status"],
+    buckets=LATENCY_BUCKETS,
+)
+SPENDS = Counter(
+    "credits_spends",
+    "consumeCredits calls by process type and outcome "
+    "(spent, free, or the error code: INSUFFICIENT_CREDITS, ...).",
+    ["process_type", "outcome"],
+)
+SPENT_CREDITS = Counter(
+    "credits_spent_credits", "Credits spent through consumeCredits.", ["process_type"]
+)
+PURCHASES = Counter(
+    "credits_purchases",
+    "purchaseCredits calls by outcome (the payment's status: SUCCEEDED, REQUIRES_ACTION, "
+    "FAILED, PENDING; or the error code when no payment was made).",
+    ["outcome"],
+)
+
+# Operation names come from clients: keep the label set bounded.
+_NAME = re.compile(r"^[_A-Za-z][_0-9A-Za-z]{0,63}$")
+MAX_OPERATION_NAMES = 200
+_seen_names: set[str] = set()
+
+
+def operation_label(name: str | None) -> str:
+    if not name:
+        return "anonymous"
+    if not _NAME.match(name):
+        return "invalid"
+    if name not in _seen_names:
+        if len(_seen_names) >= MAX_OPERATION_NAMES:
+            return "other"
+        _seen_names.add(name)
+    return name
+
+
+def _value(raw: object) -> str:
+    return str(getattr(raw, "value", raw))
+
+
+def _error_code(exc: BaseException) -> str:
+    if isinstance(exc, GraphQLError) and exc.extensions:
+        return str(exc.extensions.get("code") or "error")
+    return "error"
+
+
+def _first_error_code(payload: Any) -> str | None:
+    errors = getattr(payload, "errors", None) or []
+    return _value(errors[0].code) if errors else None
+
+
+def _arg(kwargs: dict[str, Any], *path: str) -> Any:
+    value: Any = kwargs
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else getattr(value, key, None)
+    return value
+
+
+def _record_spend(payload: Any, kwargs: dict[str, Any], error: BaseException | None) -> None:
+    process = _arg(kwargs, "input", "processType") or _arg(kwargs, "input", "process_type")
+    process_type = _value(process) if process is not None else "unknown"
+    if error is not None:
+        SPENDS.labels(process_type, _error_code(error)).inc()
+        return
+    code = _first_error_code(payload)
+    if code is not None:
+        SPENDS.labels(process_type, code).inc()
+        return
+    transaction = getattr(payload, "transaction", None)
+    if transaction is None:
+        SPENDS.labels(process_type, "free").inc()
+        return
+    SPENDS.labels(process_type, "spent").inc()
+    SPENT_CREDITS.labels(process_type).inc(-int(transaction.model.credits))
+
+
+def _record_purchase(payload: Any, kwargs: dict[str, Any], error: BaseException | None) -> None:
+    if error is not None:
+        PURCHASES.labels(_error_code(error)).inc()
+        return
+    payment = getattr(payload, "payment", None)
+    if payment is not None:
+        PURCHASES.labels(_value(payment.model.status)).inc()
+        return
+    PURCHASES.labels(_first_error_code(payload) or "unknown").inc()
+
+
+Recorder = Callable[[Any, dict[str, Any], BaseException | None], None]
+_RECORDERS: dict[str, Recorder] = {
+    "consumeCredits": _record_spend,
+    "purchaseCredits": _record_purchase,
+}
+
+
+async def _observe(result: Any, recorder: Recorder, kwargs: dict[str, Any]) -> Any:
+    try:
+        value = await result if isawaitable(result) else result
+    except Exception as exc:
+        recorder(None, kwargs, exc)
+        raise
+    recorder(value, kwargs, None)
+    return value
+
+
+class MetricsExtension(SchemaExtension):
+    """Times each operation by name, and counts the outcome of the money mutations."""
+
+    def on_operation(self) -> Iterator[None]:
+        started = time.perf_counter()
+        yield
+        context = self.execution_context
+        try:
+            kind = context.operation_type.value
+        except Exception:  # no operation in the document (a parse error)
+            kind = "unknown"
+        if kind == "subscription":
+            return  # a subscription's "duration" is the life of the connection
+        GRAPHQL_DURATION.labels(operation_label(context.operation_name), kind).observe(
+            time.perf_counter() - started
+        )
+
+    def resolve(
+        self, _next: Callable[..., Any], root: Any, info: Any, *args: Any, **kwargs: Any
+    ) -> Any:
+        if info.parent_type.name != "Mutation":
+            return _next(root, info, *args, **kwargs)
+        recorder = _RECORDERS.get(info.field_name)
+        if recorder is None:
+            return _next(root, info, *args, **kwargs)
+        try:
+            result = _next(root, info, *args, **kwargs)
+        except Exception as exc:
+            recorder(None, kwargs, exc)
+            raise
+        return _observe(result, recorder, kwargs)
+
+
+def observe_http(method: str, route: str, status: int, seconds: float) -> None:
+    HTTP_DURATION.labels(method, route, str(status)).observe(seconds)
+
+
+def registry() -> CollectorRegistry:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        collected = CollectorRegistry()
+        prometheus_multiprocess.MultiProcessCollector(collected)  # type: ignore[no-untyped-call]
+        return collected
+    return REGISTRY
+
+
+async def metrics(request: Request) -> Response:
+    """``GET /metrics``: Prometheus text format (serve it on the internal network only)."""
+    return Response(generate_latest(registry()), media_type=CONTENT_TYPE_LATEST)

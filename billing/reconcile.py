@@ -1,0 +1,476 @@
+"""Reconciliation: does the money add up? ``python -m billing.reconcile`` (``make reconcile``).
+
+Checks, for every account (or the ``--account`` ones):
+
+- ``balance``: the stored balance equals the sum of the account's ledger entries;
+- ``chain``: each entry's ``balance_after`` is the previous entry's plus its credits
+  (entries are ordered by ``created_at``; entries sharing a timestamp may come in any
+  order that chains);
+- ``payment-entry``: every succeeded card payment that grants credits (kinds ``PURCHASE``
+  and ``AUTO_RECHARGE``; refunded ones included) has exactly one credit entry;
+- ``entry-payment``: every credit entry from a card (types ``PURCHASE`` and
+  ``AUTO_RECHARGE``) has its payment: succeeded, of the same account, kind and credits;
+- ``stripe`` (with ``PAYMENT_GATEWAY=stripe``): each of our succeeded payments is a
+  PaymentIntent that Stripe reports ``succeeded``, for the same amount and currency.
+
+The database checks are a handful of set-based queries (``GROUP BY`` and window
+functions), whatever the number of accounts; only an account whose chain looks broken is
+read entry by entry, to tell a real break from entries that share a timestamp. On
+PostgreSQL they read one snapshot (``REPEATABLE READ``), so work committed meanwhile
+can't show up as a false discrepancy.
+
+Prints one line per discrepancy and exits 1 when there is any; prints a summary and exits
+0 when there is none; exits 2 when a check could not run (Stripe unreachable, say).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from billing import sql
+from billing.enums import PaymentKind, PaymentStatus, TransactionType
+from billing.gateways import GatewayUnavailable
+from billing.gateways.stripe_gateway import StripeGateway
+
+CREDIT_KINDS = (PaymentKind.PURCHASE.value, PaymentKind.AUTO_RECHARGE.value)
+CREDIT_TYPES = (TransactionType.PURCHASE.value, TransactionType.AUTO_RECHARGE.value)
+# A refunded payment had succeeded: its credits were granted (the refund takes them back).
+GRANTED = (PaymentStatus.SUCCEEDED.value, PaymentStatus.REFUNDED.value)
+CHAIN_CHUNK = 5_000
+STRIPE_PAGE = 200
+MAX_BREAKS_SHOWN = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Discrepancy:
+    check: str
+    account_id: str
+    detail: str
+
+    def line(self) -> str:
+        return f"{self.check}: account {self.account_id}: {self.detail}"
+
+
+@dataclass
+class Report:
+    accounts: int = 0
+    entries: int = 0
+    card_payments: int = 0
+    stripe_checked: int | None = None  # None: the Stripe check did not run
+    discrepancies: list[Discrepancy] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # checks that could not be made
+
+    @property
+    def ok(self) -> bool:
+        return not self.discrepancies and not self.errors
+
+    def add(self, check: str, account_id: object, detail: str) -> None:
+        self.discrepancies.append(Discrepancy(check, str(account_id), detail))
+
+    def summary(self) -> str:
+        stripe = (
+            "Stripe not checked"
+            if self.stripe_checked is None
+            else f"{self.stripe_checked} payments checked at Stripe"
+        )
+        verdict = (
+            "no discrepancies"
+            if not self.discrepancies
+            else f"{len(self.discrepancies)} discrepancies"
+        )
+        return (
+            f"reconciled {self.accounts} accounts, {self.entries} ledger entries, "
+            f"{self.card_payments} succeeded card payments; {stripe}: {verdict}"
+        )
+
+    def exit_code(self) -> int:
+        if self.discrepancies:
+            return 1
+        return 2 if self.errors else 0
+
+
+def _scope(column: str, account_ids: Sequence[str] | None) -> tuple[str, list[Any]]:
+    """``column IN (...)`` for the given accounts, or no condition."""
+    if account_ids is None:
+        return "1 = 1", []
+    if not account_ids:
+        return "1 = 0", []
+    return f"{column} IN ({', '.join('?' * len(account_ids))})", list(account_ids)
+
+
+def _in(values: Sequence[str]) -> str:
+    return ", ".join(f"'{v}'" for v in values)  # our own enum values, never input
+
+
+async def _count(query: str, params: list[Any]) -> int:
+    rows = await sql.fetch(query, *params)
+    return int(rows[0]["n"] or 0) if rows else 0
+
+
+# ---------------------------------------------------------------- the database
+
+
+async def _counts(report: Report, account_ids: Sequence[str] | None) -> None:
+    where_a, pa = _scope("id", account_ids)
+    where_e, pe = _scope("account_id", account_ids)
+    report.accounts = await _count(f"SELECT COUNT(*) AS n FROM credit_account WHERE {where_a}", pa)
+    report.entries = await _count(f"SELECT COUNT(*) AS n FROM ledger_entry WHERE {where_e}", pe)
+    report.card_payments = await _count(
+        f"SELECT COUNT(*) AS n FROM payment WHERE {where_e} "
+        f"AND kind IN ({_in(CREDIT_KINDS)}) AND status IN ({_in(GRANTED)})",
+        pe,
+    )
+
+
+async def _balances(report: Report, account_ids: Sequence[str] | None) -> None:
+    where_a, pa = _scope("a.id", account_ids)
+    where_e, pe = _scope("account_id", account_ids)
+    rows = await sql.fetch(
+        "SELECT a.id AS account_id, a.balance AS balance, COALESCE(s.total, 0) AS total, "
+        "COALESCE(s.n, 0) AS n "
+        "FROM credit_account a LEFT JOIN ("
+        "  SELECT account_id, SUM(credits) AS total, COUNT(*) AS n FROM ledger_entry "
+        f"  WHERE {where_e} GROUP BY account_id"
+        f") s ON s.account_id = a.id WHERE {where_a} AND a.balance <> COALESCE(s.total, 0) "
+        "ORDER BY a.id",
+        *pe,
+        *pa,
+    )
+    for r in rows:
+        report.add(
+            "balance",
+            r["account_id"],
+            f"stored balance {int(r['balance'])} but its {int(r['n'])} entries sum to "
+            f"{int(r['total'])} (off by {int(r['balance']) - int(r['total'])})",
+        )
+
+
+async def _suspect_chains(account_ids: Sequence[str] | None) -> list[str]:
+    """Accounts where, in (created_at, id) order, some entry doesn't chain."""
+    where_e, pe = _scope("account_id", account_ids)
+    rows = await sql.fetch(
+        "SELECT account_id FROM ("
+        "  SELECT account_id, credits, balance_after, "
+        "    LAG(balance_after, 1, 0) OVER (PARTITION BY account_id ORDER BY created_at, id) "
+        "      AS before"
+        f"  FROM ledger_entry WHERE {where_e}"
+        ") chained WHERE balance_after <> before + credits GROUP BY account_id ORDER BY account_id",
+        *pe,
+    )
+    return [str(r["account_id"]) for r in rows]
+
+
+async def _entries_in_time_order(account_id: str) -> AsyncIterator[list[dict[str, Any]]]:
+    """The account's entries oldest first, in chunks (keyset over (created_at, id))."""
+    after: tuple[Any, Any] | None = None
+    while True:
+        if after is None:
+            rows = await sql.fetch(
+                "SELECT id, created_at, credits, balance_after FROM ledger_entry "
+                "WHERE account_id = ? ORDER BY created_at, id LIMIT ?",
+                account_id,
+                CHAIN_CHUNK,
+            )
+        else:
+            rows = await sql.fetch(
+                "SELECT id, created_at, credits, balance_after FROM ledger_entry "
+                "WHERE account_id = ? AND (created_at > ? OR (created_at = ? AND id > ?)) "
+                "ORDER BY created_at, id LIMIT ?",
+                account_id,
+                after[0],
+                after[0],
+                after[1],
+                CHAIN_CHUNK,
+            )
+        if rows:
+            yield rows
+        if len(rows) < CHAIN_CHUNK:
+            return
+        after = (rows[-1]["created_at"], rows[-1]["id"])
+
+
+def _chain_group(balance: int, group: list[dict[str, Any]], breaks: list[str]) -> int:
+    """Follow the chain through entries sharing one timestamp, in whatever order chains;
+    returns the balance after them. A break resumes from the breaking entry's own
+    ``balance_after``, so one bad entry is reported once, not with everything after it."""
+    remaining = list(group)
+    while remaining:
+        follows = next(
+            (e for e in remaining if int(e["balance_after"]) - int(e["credits"]) == balance),
+            None,
+        )
+        if follows is None:
+            follows = remaining[0]
+            breaks.append(
+                f"entry {follows['id']} at {follows['created_at']}: balance_after "
+                f"{int(follows['balance_after'])} but the balance before it was {balance} "
+                f"and it moved {int(follows['credits'])} credits"
+            )
+        balance = int(follows["balance_after"])
+        remaining.remove(follows)
+    return balance
+
+
+async def _chain(report: Report, account_id: str) -> None:
+    breaks: list[str] = []
+    balance = 0
+    group: list[dict[str, Any]] = []
+    async for rows in _entries_in_time_order(account_id):
+        for row in rows:
+            if group and row["created_at"] != group[0]["created_at"]:
+                balance = _chain_group(balance, group, breaks)
+                group = []
+            group.append(row)
+    if group:
+        _chain_group(balance, group, breaks)
+    for detail in breaks[:MAX_BREAKS_SHOWN]:
+        report.add("chain", account_id, detail)
+    if len(breaks) > MAX_BREAKS_SHOWN:
+        report.add("chain", account_id, f"... and {len(breaks) - MAX_BREAKS_SHOWN} more breaks")
+
+
+async def _payments_without_one_entry(report: Report, account_ids: Sequence[str] | None) -> None:
+    where_p, pp = _scope("p.account_id", account_ids)
+    where_e, pe = _scope("account_id", account_ids)
+    rows = await sql.fetch(
+        "SELECT p.id AS payment_id, p.account_id AS account_id, p.kind AS kind, "
+        "p.status AS status, p.credits AS credits, COALESCE(c.n, 0) AS n "
+        "FROM payment p LEFT JOIN ("
+        "  SELECT payment_id, COUNT(*) AS n FROM ledger_entry "
+        f"  WHERE type IN ({_in(CREDIT_TYPES)}) AND payment_id IS NOT NULL AND {where_e} "
+        "  GROUP BY payment_id"
+        ") c ON c.payment_id = p.id "
+        f"WHERE {where_p} AND p.kind IN ({_in(CREDIT_KINDS)}) AND p.status IN ({_in(GRANTED)}) "
+        "AND COALESCE(c.n, 0) <> 1 ORDER BY p.account_id, p.id",
+        *pe,
+        *pp,
+    )
+    for r in rows:
+        n = int(r["n"])
+        what = "no credit entry" if n == 0 else f"{n} credit entries"
+        report.add(
+            "payment-entry",
+            r["account_id"],
+            f"{r['status']} {r['kind']} payment {r['payment_id']} of {int(r['credits'])} "
+            f"credits has {what} (expected exactly one)",
+        )
+
+
+async def _entries_without_payment(report: Report, account_ids: Sequence[str] | None) -> None:
+    where_e, pe = _scope("e.account_id", account_ids)
+    rows = await sql.fetch(
+        "SELECT e.id AS entry_id, e.account_id AS account_id, e.type AS type, "
+        "e.credits AS credits, e.payment_id AS payment_id, p.id AS found, "
+        "p.account_id AS payment_account, p.status AS status, p.kind AS kind, "
+        "p.credits AS payment_credits "
+        "FROM ledger_entry e LEFT JOIN payment p ON p.id = e.payment_id "
+        f"WHERE {where_e} AND e.type IN ({_in(CREDIT_TYPES)}) AND ("
+        f"  p.id IS NULL OR p.status NOT IN ({_in(GRANTED)}) OR p.account_id <> e.account_id "
+        "  OR p.kind <> e.type OR p.credits <> e.credits"
+        ") ORDER BY e.account_id, e.id",
+        *pe,
+    )
+    for r in rows:
+        head = f"{r['type']} entry {r['entry_id']} of {int(r['credits'])} credits"
+        if r["payment_id"] is None:
+            problem = "has no payment"
+        elif r["found"] is None:
+            problem = f"names payment {r['payment_id']}, which does not exist"
+        elif r["payment_account"] != r["account_id"]:
+            problem = f"names payment {r['payment_id']} of account {r['payment_account']}"
+        elif r["status"] not in GRANTED:
+            problem = f"names payment {r['payment_id']}, which is {r['status']}"
+        elif r["kind"] != r["type"]:
+            problem = f"names payment {r['payment_id']}, a {r['kind']} payment"
+        else:
+            problem = f"names payment {r['payment_id']} of {int(r['payment_credits'])} credits"
+        report.add("entry-payment", r["account_id"], f"{head} {problem}")
+
+
+async def check_database(account_ids: Sequence[str] | None = None) -> Report:
+    """Every database check (in the caller's transaction, if any)."""
+    report = Report()
+    await _counts(report, account_ids)
+    await _balances(report, account_ids)
+    for account_id in await _suspect_chains(account_ids):
+        await _chain(report, account_id)
+    await _payments_without_one_entry(report, account_ids)
+    await _entries_without_payment(report, account_ids)
+    return report
+
+
+# ---------------------------------------------------------------- Stripe
+
+
+async def _granted_payments(
+    account_ids: Sequence[str] | None,
+) -> AsyncIterator[list[dict[str, Any]]]:
+    """Our succeeded payments (every kind), a page at a time (keyset over id)."""
+    where_p, pp = _scope("account_id", account_ids)
+    base = (
+        "SELECT id, account_id, kind, status, amount_cents, currency, gateway_payment_id "
+        f"FROM payment WHERE {where_p} AND status IN ({_in(GRANTED)})"
+    )
+    after: Any = None
+    while True:
+        if after is None:
+            rows = await sql.fetch(f"{base} ORDER BY id LIMIT ?", *pp, STRIPE_PAGE)
+        else:
+            rows = await sql.fetch(
+                f"{base} AND id > ? ORDER BY id LIMIT ?", *pp, after, STRIPE_PAGE
+            )
+        if rows:
+            yield rows
+        if len(rows) < STRIPE_PAGE:
+            return
+        after = rows[-1]["id"]
+
+
+async def _check_intent(
+    report: Report, gateway: StripeGateway, payment: dict[str, Any], limit: asyncio.Semaphore
+) -> None:
+    what = f"{payment['status']} {payment['kind']} payment {payment['id']}"
+    intent_id = payment["gateway_payment_id"]
+    if not intent_id:
+        report.add("stripe", payment["account_id"], f"{what} has no PaymentIntent id")
+        return
+    try:
+        async with limit:
+            intent = await gateway.retrieve_intent(str(intent_id))
+    except GatewayUnavailable as exc:
+        report.errors.append(f"stripe: could not read PaymentIntent {intent_id}: {exc}")
+        return
+    if intent is None:
+        report.add(
+            "stripe", payment["account_id"], f"{what}: Stripe has no PaymentIntent {intent_id}"
+        )
+        return
+    problems = []
+    if intent.get("status") != "succeeded":
+        problems.append(f"Stripe says {intent.get('status')}")
+    if int(intent.get("amount") or 0) != int(payment["amount_cents"]):
+        problems.append(
+            f"amount {int(payment['amount_cents'])} here, {intent.get('amount')} at Stripe"
+        )
+    if str(intent.get("currency") or "").lower() != str(payment["currency"]).lower():
+        problems.append(f"currency {payment['currency']} here, {intent.get('currency')} at Stripe")
+    if problems:
+        report.add(
+            "stripe",
+            payment["account_id"],
+            f"{what} (PaymentIntent {intent_id}): " + "; ".join(problems),
+        )
+
+
+async def check_stripe(
+    report: Report,
+    gateway: StripeGateway,
+    account_ids: Sequence[str] | None = None,
+    concurrency: int = 8,
+) -> None:
+    """Compare our succeeded payments with their PaymentIntents at Stripe."""
+    limit = asyncio.Semaphore(concurrency)
+    report.stripe_checked = 0
+    async for page in _granted_payments(account_ids):
+        await asyncio.gather(*(_check_intent(report, gateway, p, limit) for p in page))
+        report.stripe_checked += len(page)
+
+
+async def run(
+    account_ids: Sequence[str] | None = None, stripe: StripeGateway | None = None
+) -> Report:
+    """Every check: the database's, then (given a Stripe gateway) Stripe's."""
+    report = await check_database(account_ids)
+    if stripe is not None:
+        await check_stripe(report, stripe, account_ids)
+    return report
+
+
+# ---------------------------------------------------------------- the command
+
+
+@asynccontextmanager
+async def _snapshot() -> AsyncIterator[None]:
+    """One consistent view for all the database checks (PostgreSQL)."""
+    if not sql.is_postgres(sql.connection()):
+        yield  # SQLite: a long read transaction would hold up writers; run it when idle
+        return
+    from tortoise.transactions import in_transaction
+
+    async with in_transaction():
+        await sql.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        yield
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m billing.reconcile",
+        description="Check that balances, ledger entries, payments (and Stripe) agree.",
+    )
+    parser.add_argument(
+        "--account",
+        action="append",
+        dest="accounts",
+        metavar="ID",
+        help="check only this account (repeat, or comma-separate, for several)",
+    )
+    parser.add_argument(
+        "--no-stripe",
+        action="store_true",
+        help="skip the Stripe check even with PAYMENT_GATEWAY=stripe",
+    )
+    parser.add_argument(
+        "--stripe-concurrency", type=int, default=8, help="PaymentIntents read at once (default 8)"
+    )
+    return parser.parse_args(argv)
+
+
+async def _main(args: argparse.Namespace) -> Report:
+    from tortoise import Tortoise
+
+    from billing.db import tortoise_config
+    from billing.gateways.factory import make_gateway
+    from billing.settings import get_settings
+
+    settings = get_settings()
+    accounts = (
+        [a.strip() for raw in args.accounts for a in raw.split(",") if a.strip()]
+        if args.accounts
+        else None
+    )
+    await Tortoise.init(config=tortoise_config(settings.database_url))
+    try:
+        async with _snapshot():
+            report = await check_database(accounts)
+        if settings.payment_gateway == "stripe" and not args.no_stripe:
+            gateway = make_gateway(settings)
+            assert isinstance(gateway, StripeGateway)
+            await check_stripe(report, gateway, accounts, max(1, args.stripe_concurrency))
+        return report
+    finally:
+        await Tortoise.close_connections()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse(argv)
+    try:
+        report = asyncio.run(_main(args))
+    except Exception as exc:  # the database is unreachable, say: no verdict
+        print(f"error: could not reconcile: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    for discrepancy in report.discrepancies:
+        print(discrepancy.line())
+    for error in report.errors:
+        print(f"error: {error}", file=sys.stderr)
+    print(report.summary(), file=sys.stderr if report.discrepancies else sys.stdout)
+    return report.exit_code()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
