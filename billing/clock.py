@@ -23,3 +23,8 @@ def travel(to: datetime) -> Iterator[None]:
         yield
     finally:
         _offset = previous
+
+
+def offset() -> timedelta:
+    """How far ``now()`` is from the real clock (zero outside time-travelling tests)."""
+    return _offset

@@ -16,7 +16,7 @@ from functools import lru_cache
 from typing import Any
 
 from tortoise import connections
-from tortoise.backends.base.client import BaseDBAsyncClient
+from tortoise.backends.base.client import BaseDBAsyncClient, TransactionalDBClient
 
 from billing import clock
 
@@ -26,6 +26,11 @@ _PLACEHOLDER = re.compile(r"\?")
 def connection() -> BaseDBAsyncClient:
     conn: BaseDBAsyncClient = connections.get("default")
     return conn
+
+
+def in_transaction() -> bool:
+    """Whether the current task runs inside a transaction (``in_transaction()``)."""
+    return isinstance(connection(), TransactionalDBClient)
 
 
 def is_postgres(conn: BaseDBAsyncClient) -> bool:

@@ -6,10 +6,14 @@ Each public function runs inside the caller's transaction and either completes o
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from dataclasses import dataclass
 
-from billing import idempotency, ledger, sql
+from tortoise.transactions import in_transaction
+
+from billing import changes, idempotency, ledger, sql
+from billing import fastspend as fast
 from billing.accounts import ensure_account, validate_account_id, validate_user_id
 from billing.enums import BillingMode, ErrorCode, ProcessType, TransactionType
 from billing.errors import Validator, fail
@@ -82,7 +86,100 @@ async def consume(
     reference: str | None,
     idempotency_key: str,
 ) -> ConsumeResult:
-    """Spend credits for ``quantity`` units of a prepaid process, free quota first."""
+    """Spend credits for ``quantity`` units of a prepaid process, free quota first.
+
+    Owns its transaction: on PostgreSQL a plain prepaid spend is one statement (claim the
+    key, debit, append the entry), so the account's row lock is held only while that
+    statement runs, never across a round trip; anything else (free quota, a refusal, a
+    low-balance crossing, SQLite) runs as ``consume_in_transaction``.
+    """
+    v = Validator()
+    _check_usage_input(v, quantity, reference, account_id, user_id)
+    v.check()
+    price = _prepaid_price(book, process_type)
+    idempotency.check_key(idempotency_key)
+    if price.billing is BillingMode.PREPAID and _fast_path_applies():
+        await ensure_account(account_id)
+        params = _consume_params(user_id, process_type, quantity, reference)
+        for _ in range(_REPLAY_WAITS):
+            done = await fast.spend(
+                account_id=account_id,
+                user_id=user_id,
+                process_type=process_type,
+                quantity=quantity,
+                reference=reference,
+                idempotency_key=idempotency_key,
+                params=params,
+                credits=quantity * (price.credits_per_unit or 0),
+                description=describe_usage(process_type, quantity, 0),
+            )
+            if isinstance(done, fast.Spent):
+                changes.entry_posted(done.entry)
+                return ConsumeResult(done.entry, done.entry.balance_after, 0, done.recharge_seq)
+            if done is None:
+                break  # the transactional path decides (and explains)
+            replayed = await _replay_when_settled(account_id, idempotency_key, params)
+            if replayed is not None:
+                return replayed
+            # the first request with this key was withdrawn: try again as a fresh one
+    async with in_transaction():
+        return await consume_in_transaction(
+            book,
+            account_id=account_id,
+            user_id=user_id,
+            process_type=process_type,
+            quantity=quantity,
+            reference=reference,
+            idempotency_key=idempotency_key,
+        )
+
+
+_REPLAY_WAITS = 50
+
+
+def _consume_params(
+    user_id: str, process_type: ProcessType, quantity: int, reference: str | None
+) -> dict[str, object]:
+    return {
+        "userId": user_id,
+        "processType": process_type.value,
+        "quantity": quantity,
+        "reference": reference,
+    }
+
+
+async def _replay_when_settled(
+    account_id: str, key: str, params: dict[str, object]
+) -> ConsumeResult | None:
+    """The first request's result; it may still be settling (a fast-path claim whose
+    spend fell back to a transaction), so wait for it a moment. ``None`` if it was
+    withdrawn (refused: the key is free again)."""
+    for _ in range(_REPLAY_WAITS):
+        record = await idempotency.lookup(account_id, key, "consumeCredits", params)
+        if record is None:
+            return None
+        entry_id = record.result.get("entry_id")
+        if entry_id is None or await LedgerEntry.exists(id=entry_id, account_id=account_id):
+            return await _replay_consume(account_id, record.result)
+        await asyncio.sleep(0.01)
+    raise RuntimeError(f"idempotency key {key!r} of {account_id} did not settle")
+
+
+def _fast_path_applies() -> bool:
+    return sql.is_postgres(sql.connection()) and not sql.in_transaction()
+
+
+async def consume_in_transaction(
+    book: PriceBook,
+    *,
+    account_id: str,
+    user_id: str,
+    process_type: ProcessType,
+    quantity: int,
+    reference: str | None,
+    idempotency_key: str,
+) -> ConsumeResult:
+    """``consume`` in the caller's transaction."""
     v = Validator()
     _check_usage_input(v, quantity, reference, account_id, user_id)
     v.check()
@@ -91,12 +188,7 @@ async def consume(
     await ensure_account(account_id)
 
     entry_id = uuid.uuid4()
-    params = {
-        "userId": user_id,
-        "processType": process_type.value,
-        "quantity": quantity,
-        "reference": reference,
-    }
+    params = _consume_params(user_id, process_type, quantity, reference)
     replay = await idempotency.claim(
         account_id,
         idempotency_key,

@@ -141,3 +141,16 @@ async def test_ledger_is_append_only_in_the_database(app: object, account_id: st
         await sql.execute("UPDATE ledger_entry SET credits = 50 WHERE id = ?", entry_id)
     with pytest.raises(Exception, match="append-only"):
         await sql.execute("DELETE FROM ledger_entry WHERE id = ?", entry_id)
+
+
+async def test_history_search_has_trigram_indexes_on_postgres(app: object, backend: str) -> None:
+    if backend != "postgres":
+        pytest.skip("a PostgreSQL (pg_trgm) index")
+    rows = await sql.fetch(
+        "SELECT indexname FROM pg_indexes WHERE tablename = 'ledger_entry' "
+        "AND indexdef LIKE '%gin_trgm_ops%'"
+    )
+    assert {r["indexname"] for r in rows} == {
+        "idx_ledger_entr_search_desc",
+        "idx_ledger_entr_search_ref",
+    }
