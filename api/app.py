@@ -20,7 +20,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 from strawberry.asgi import GraphQL
 from strawberry.exceptions import ConnectionRejectionError
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
@@ -69,7 +69,12 @@ class CreditsGraphQL(GraphQL[Context, None]):
         return graphiql_page(request)  # self-contained (no CDN); see api/graphiql.py
 
     def parse_json(self, data: str | bytes) -> Any:
-        value = super().parse_json(data)
+        try:
+            value = super().parse_json(data)
+        except (ValueError, RecursionError) as exc:
+            # Not a JSONDecodeError, so Strawberry would answer 500: invalid UTF-8, arrays
+            # nested past the recursion limit, a number of more than 4,300 digits.
+            raise HTTPException(400, "Unable to parse request body as JSON") from exc
         if not isinstance(value, dict | list):  # Strawberry would answer a bare 500
             raise HTTPException(400, "The request body must be a JSON object")
         return value  # a list (a batch) is refused by Strawberry: batching is off
@@ -132,6 +137,10 @@ class GraphQLEndpoint:
             if wants_page:
                 scope.setdefault("state", {})["principal"] = ANONYMOUS
             else:
+                limit = self.settings.max_body_bytes
+                if _declared_length(request) > limit:
+                    await _too_large(limit)(scope, receive, send)
+                    return
                 try:
                     principal = await authenticate(
                         bearer_token(request.headers.get("authorization")), self.settings
@@ -151,6 +160,13 @@ class GraphQLEndpoint:
                     )
                     await response(scope, receive, send)
                     return
+                if request.method == "POST":
+                    # Read the body here, up to the limit: a chunked body has no length.
+                    body = await _read_body(receive, limit)
+                    if body is None:
+                        await _too_large(limit)(scope, receive, send)
+                        return
+                    receive = _replay(body, receive)
                 await self._provision(principal)
                 scope.setdefault("state", {})["principal"] = principal
         await self.graphql(scope, receive, send)
@@ -171,6 +187,59 @@ class GraphQLEndpoint:
         self._seen[key] = None
         if len(self._seen) > 10_000:
             self._seen.popitem(last=False)
+
+
+def _declared_length(request: Request) -> int:
+    try:
+        return int(request.headers.get("content-length") or 0)
+    except ValueError:
+        return 0  # read with the limit anyway
+
+
+def _too_large(limit: int) -> Response:
+    return JSONResponse(
+        {
+            "errors": [
+                {
+                    "message": f"The request body is larger than {limit:,} bytes.",
+                    "extensions": {"code": "PAYLOAD_TOO_LARGE"},
+                }
+            ]
+        },
+        status_code=413,
+    )
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole request body, or ``None`` as soon as it passes ``limit`` bytes (the
+    rest is never read)."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # the client went away
+            return b"".join(chunks)
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that hands out the body already read, then waits as usual."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 async def healthz(request: Request) -> Response:

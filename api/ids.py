@@ -39,9 +39,12 @@ def decode_cursor(cursor: str) -> Position | None:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created, entry = json.loads(raw)
+        if not isinstance(created, str) or not isinstance(entry, str):
+            return None
         at = datetime.fromisoformat(created)
         if at.tzinfo is None:
             return None
         return Position(at.astimezone(UTC), uuid.UUID(entry))
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+    except (ValueError, TypeError, OverflowError, binascii.Error, UnicodeDecodeError):
+        # OverflowError: a time near year 1 or 9999 whose offset takes it out of range
         return None

@@ -103,8 +103,15 @@ def _csv(rows: Iterable[Iterable[str]]) -> bytes:
 # ---------------------------------------------------------------- parameters
 
 
-def _one(params: QueryParams, name: str) -> str | None:
+def _text(params: QueryParams, name: str) -> list[str]:
     values = params.getlist(name)
+    if any("\x00" in value for value in values):  # PostgreSQL can't compare text with NUL
+        raise BadRequest(f"{name} must not contain NUL characters")
+    return values
+
+
+def _one(params: QueryParams, name: str) -> str | None:
+    values = _text(params, name)
     if len(values) > 1:
         raise BadRequest(f"{name} may be given once")
     return values[0] if values else None
@@ -112,7 +119,7 @@ def _one(params: QueryParams, name: str) -> str | None:
 
 def _items(params: QueryParams, name: str) -> list[str]:
     """A list parameter, repeated and/or comma-separated; empty items are ignored."""
-    return [item.strip() for raw in params.getlist(name) for item in raw.split(",") if item.strip()]
+    return [item.strip() for raw in _text(params, name) for item in raw.split(",") if item.strip()]
 
 
 def _enums(params: QueryParams, name: str, enum: type[E]) -> list[E]:
@@ -137,7 +144,10 @@ def _time(params: QueryParams, name: str) -> datetime | None:
         raise BadRequest(
             f"{name} must be an RFC 3339 date-time such as 2026-03-01T00:00:00Z, not {raw!r}"
         ) from None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:  # near year 1 or 9999, the offset takes it out of range
+        raise BadRequest(f"{name} is out of range in UTC: {raw!r}") from None
 
 
 def parse_filter(params: QueryParams) -> history.HistoryFilter:

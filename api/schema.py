@@ -30,6 +30,7 @@ from tortoise.transactions import in_transaction
 
 from api import ids
 from api.context import bad_input, forbidden
+from api.guards import SubscriptionsOverWebsocket, TextGuard
 from api.metrics import MetricsExtension
 from api.types import (
     AutoRecharge,
@@ -462,16 +463,14 @@ class Mutation:
         ctx.own_account_or_forbidden(str(input.account_id))
         result = await changing(
             info,
-            lambda: in_tx(
-                lambda: usage.consume(
-                    ctx.book,
-                    account_id=str(input.account_id),
-                    user_id=str(input.user_id),
-                    process_type=input.process_type,
-                    quantity=input.quantity,
-                    reference=input.reference,
-                    idempotency_key=input.idempotency_key,
-                )
+            lambda: usage.consume(  # owns its transaction (one statement when it can)
+                ctx.book,
+                account_id=str(input.account_id),
+                user_id=str(input.user_id),
+                process_type=input.process_type,
+                quantity=input.quantity,
+                reference=input.reference,
+                idempotency_key=input.idempotency_key,
             ),
         )
         if isinstance(result, list):
@@ -774,6 +773,8 @@ def build_schema(settings: Settings | None = None) -> strawberry.Schema:
         ParserCache,
         lambda: AddValidationRules(rules),
         ValidationCache,
+        TextGuard,  # no lone surrogate or NUL reaches the database
+        SubscriptionsOverWebsocket,  # a subscription POSTed is refused, not a null
         lambda: MaskErrors(should_mask_error=should_mask_error, error_message="Internal error."),
     ]
     return strawberry.Schema(

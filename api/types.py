@@ -349,7 +349,10 @@ def _utc(value: datetime | None) -> datetime | None:
     """Any offset becomes UTC (SQLite compares stored times as UTC text); none means UTC."""
     if value is None:
         return None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:00:00-05:00 is past the last representable UTC time
+        raise bad_input(f"{value.isoformat()} is out of range in UTC") from None
 
 
 async def transactions_page(

@@ -77,21 +77,29 @@ async def claim(
     check_key(key)
     digest = fingerprint(operation, params)
     sql.connection()
-    rows = await sql.fetch(
-        "INSERT INTO idempotency_record "
-        "(account_id, key, operation, fingerprint, result, created_at) VALUES (?, ?, ?, ?, ?, ?) "
-        "ON CONFLICT (account_id, key) DO NOTHING RETURNING id",
-        account_id,
-        key,
-        operation,
-        digest,
-        json.dumps(result),
-        sql.now(),
-    )
-    if rows:
-        return None
-    existing = await IdempotencyRecord.get(account_id=account_id, key=key)
-    return _replay(existing, operation, params)
+    for _ in range(_CLAIM_TRIES):
+        rows = await sql.fetch(
+            "INSERT INTO idempotency_record "
+            "(account_id, key, operation, fingerprint, result, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (account_id, key) DO NOTHING RETURNING id",
+            account_id,
+            key,
+            operation,
+            digest,
+            json.dumps(result),
+            sql.now(),
+        )
+        if rows:
+            return None
+        existing = await IdempotencyRecord.get_or_none(account_id=account_id, key=key)
+        if existing is not None:
+            return _replay(existing, operation, params)
+        # Withdrawn between the two statements (a refused one-statement spend on
+        # PostgreSQL, see billing.fastspend): the key is free again.
+    raise RuntimeError(f"could not claim idempotency key {key!r} of {account_id}")
+
+
+_CLAIM_TRIES = 10
 
 
 async def update_result(account_id: str, key: str, result: dict[str, Any]) -> None:

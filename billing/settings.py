@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = "json"  # JSON lines with the request id
     readiness_timeout_seconds: float = Field(default=2.0, gt=0, le=60)  # per /readyz check
     shutdown_grace_seconds: int = Field(default=30, ge=0, le=3600)  # finish in-flight work
+    # POST /graphql bodies larger than this are refused with 413 (never read in full).
+    max_body_bytes: int = Field(default=1_000_000, ge=1_024, le=100_000_000)
     worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)  # arq /metrics
     smtp_url: str | None = None  # None: e-mails are written to the log (billing.mailer)
     mail_from: str = "Purchase Credits <credits@localhost>"

@@ -189,15 +189,24 @@ async def consume_in_transaction(
 
     entry_id = uuid.uuid4()
     params = _consume_params(user_id, process_type, quantity, reference)
-    replay = await idempotency.claim(
-        account_id,
-        idempotency_key,
-        "consumeCredits",
-        params,
-        {"entry_id": str(entry_id), "free_units": 0},
-    )
-    if replay is not None:
-        return await _replay_consume(account_id, replay.result)
+    for _ in range(_REPLAY_WAITS):
+        replay = await idempotency.claim(
+            account_id,
+            idempotency_key,
+            "consumeCredits",
+            params,
+            {"entry_id": str(entry_id), "free_units": 0},
+        )
+        if replay is None:
+            break
+        first_entry = replay.result.get("entry_id")
+        if first_entry is None or await LedgerEntry.exists(id=first_entry, account_id=account_id):
+            return await _replay_consume(account_id, replay.result)
+        # A fast-path claim whose spend was refused, about to be withdrawn (its entry
+        # would have come in the same statement): claim again once it is gone.
+        await asyncio.sleep(0.01)
+    else:
+        raise RuntimeError(f"idempotency key {idempotency_key!r} of {account_id} did not settle")
 
     free = 0
     if price.billing is BillingMode.FREE_QUOTA_THEN_PREPAID:
