@@ -12,6 +12,7 @@ from billing import cards, recharge, sql
 from billing.accounts import ensure_account
 from billing.enums import AutoRechargeTrigger, ErrorCode
 from billing.errors import Validator, fail
+from billing.gateways import minimum_charge_cents
 from billing.models import Account, AutoRechargeSetting
 from billing.pricing import PriceBook
 
@@ -48,6 +49,15 @@ def _validate(v: Validator, data: AutoRechargeInput, book: PriceBook) -> None:
             f"rechargeCredits must be {lo:,} to {hi:,}",
             "rechargeCredits",
             code=ErrorCode.INVALID_AMOUNT,
+        )
+    elif data.recharge_credits is not None and book.amount_cents(
+        data.recharge_credits
+    ) < minimum_charge_cents(book.currency):
+        v.add(
+            f"{data.recharge_credits:,} credits cost {book.amount_cents(data.recharge_credits)} "
+            f"cents; the card payment minimum is {minimum_charge_cents(book.currency)} cents",
+            "rechargeCredits",
+            code=ErrorCode.AMOUNT_TOO_SMALL,
         )
     if data.threshold_credits is not None and not 0 < data.threshold_credits <= hi:
         v.add(f"thresholdCredits must be 1 to {hi:,}", "thresholdCredits")
@@ -142,5 +152,9 @@ async def update_auto_recharge(
     await recharge.sync_threshold(setting)
     account = await Account.get(id=account_id)
     level = setting.threshold_level()
-    due = level is not None and account.balance < level
-    return AutoRechargeUpdate(setting, account.recharge_seq if due else None)
+    if level is not None and account.balance < level:
+        # Saving (or enabling) the setting while the balance is under it is a crossing.
+        return AutoRechargeUpdate(setting, await recharge.open_crossing(account_id))
+    if account.recharge_crossed:
+        await recharge.close_crossing(account_id)
+    return AutoRechargeUpdate(setting, None)

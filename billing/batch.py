@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from billing import changes, idempotency, lowbalance, sql
+from billing import changes, idempotency, ledger, lowbalance, sql
 from billing.enums import BillingMode, ErrorCode, ProcessType, TransactionType
 from billing.errors import BillingError, UserError, Validator
 from billing.models import LedgerEntry
@@ -27,8 +27,8 @@ from billing.usage import (
     ConsumeResult,
     _check_usage_input,
     _prepaid_price,
-    _replay_consume,
     describe_usage,
+    replay_when_settled,
 )
 
 MAX_BATCH = 1000
@@ -120,12 +120,21 @@ async def consume_batch(book: PriceBook, items: list[SpendItem]) -> BatchResult:
         accounts = sorted({w.item.account_id for w in claimants})
         now = sql.now()
         await _ensure_accounts(accounts, now)
-        claimed = await _claim(claimants, now)
-        fresh = [w for w in claimants if (w.item.account_id, w.item.idempotency_key) in claimed]
-        await _replays(
-            [w for w in claimants if (w.item.account_id, w.item.idempotency_key) not in claimed],
-            out,
-        )
+        fresh: list[_Work] = []
+        waiting = claimants
+        for _ in range(_CLAIM_ROUNDS):
+            claimed = await _claim(waiting, now)
+            fresh += [w for w in waiting if (w.item.account_id, w.item.idempotency_key) in claimed]
+            # Keys another request holds: replay it once it has settled; a withdrawn one
+            # (that request was refused) is free again and claimed in the next round.
+            waiting = await _replays(
+                [w for w in waiting if (w.item.account_id, w.item.idempotency_key) not in claimed],
+                out,
+            )
+            if not waiting:
+                break
+        else:
+            raise RuntimeError(f"{len(waiting)} idempotency keys did not settle")
         refused = await _apply(fresh, out, recharges)
         if refused:
             await _forget(refused)
@@ -173,17 +182,26 @@ def _reused() -> BillingError:
     )
 
 
-async def _replays(seen: list[_Work], out: list[Outcome | None]) -> None:
+_CLAIM_ROUNDS = 10
+
+
+async def _replays(seen: list[_Work], out: list[Outcome | None]) -> list[_Work]:
+    """Replay the items whose key another request claimed; return those whose claimant
+    withdrew (to be claimed again)."""
+    withdrawn: list[_Work] = []
     for w in seen:
         try:
-            record = await idempotency.lookup(
-                w.item.account_id, w.item.idempotency_key, _OPERATION, w.params
+            replayed = await replay_when_settled(
+                w.item.account_id, w.item.idempotency_key, w.params
             )
         except BillingError as exc:  # the key was used for something else
             out[w.index] = exc
             continue
-        assert record is not None, "a key that was not claimed exists"
-        out[w.index] = await _replay_consume(w.item.account_id, record.result)
+        if replayed is None:
+            withdrawn.append(w)
+        else:
+            out[w.index] = replayed
+    return withdrawn
 
 
 async def _apply(
@@ -230,10 +248,8 @@ async def _apply(
     for r in rows:
         threshold = r["recharge_threshold"]
         acct = str(r["id"])
-        if (
-            threshold is not None
-            and balance[acct] < int(threshold)
-            and balance[acct] < int(r["balance"])
+        if ledger.crossed(
+            int(r["balance"]), balance[acct], None if threshold is None else int(threshold)
         ):
             recharges[acct] = int(r["recharge_seq"])
         level = None if r["low_balance_level"] is None else int(r["low_balance_level"])
@@ -296,10 +312,15 @@ async def _write(
     moved = {a: d for a, d in debits.items() if d}
     if moved:
         rows = ", ".join(["(?, CAST(? AS BIGINT))"] * len(moved))
+        # The same crossing rule as ledger.CROSSING_SET, for a whole batch's debit at once.
         await sql.execute(
             f"WITH v(id, amount) AS (VALUES {rows}) "
             "UPDATE credit_account SET balance = balance - "
-            "(SELECT v.amount FROM v WHERE v.id = credit_account.id) "
+            "(SELECT v.amount FROM v WHERE v.id = credit_account.id), "
+            "recharge_crossed = CASE WHEN recharge_threshold IS NOT NULL "
+            "AND balance >= recharge_threshold AND balance - "
+            "(SELECT v.amount FROM v WHERE v.id = credit_account.id) < recharge_threshold "
+            "THEN TRUE ELSE recharge_crossed END "
             "WHERE id IN (SELECT v.id FROM v)",
             *[x for a, d in sorted(moved.items()) for x in (a, d)],
         )

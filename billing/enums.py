@@ -71,12 +71,16 @@ class ErrorCode(StrEnum):
     INVALID_AMOUNT = "INVALID_AMOUNT"
     VALIDATION = "VALIDATION"
     IDEMPOTENCY_KEY_REUSED = "IDEMPOTENCY_KEY_REUSED"
+    BALANCE_LIMIT = "BALANCE_LIMIT"
+    AMOUNT_TOO_SMALL = "AMOUNT_TOO_SMALL"
 
 
 class InvoiceStatus(StrEnum):
     OPEN = "OPEN"
     PAID = "PAID"
     FAILED = "FAILED"
+    #: under the gateway's minimum charge: its amount is carried into the next month's invoice
+    CARRIED_FORWARD = "CARRIED_FORWARD"
 
 
 class NotificationKind(StrEnum):

@@ -20,7 +20,7 @@ from datetime import datetime
 
 from billing import clock, idempotency, sql
 from billing.enums import ProcessType, TransactionType
-from billing.ledger import MAX_DESCRIPTION
+from billing.ledger import MAX_DESCRIPTION, crossed
 from billing.models import LedgerEntry
 
 _SPEND = """
@@ -29,7 +29,10 @@ WITH claim AS (
     VALUES (?, ?, 'consumeCredits', ?, ?, now())
     ON CONFLICT (account_id, key) DO NOTHING RETURNING id
 ), debit AS (
-    UPDATE credit_account SET balance = balance - ?
+    UPDATE credit_account SET balance = balance - ?,
+        recharge_crossed = CASE WHEN recharge_threshold IS NOT NULL
+            AND balance >= recharge_threshold AND balance - ? < recharge_threshold
+            THEN TRUE ELSE recharge_crossed END
     WHERE id = ? AND balance >= ? AND EXISTS (SELECT 1 FROM claim)
       AND (low_balance_level IS NULL OR balance < low_balance_level
            OR balance - ? >= low_balance_level)
@@ -83,6 +86,7 @@ async def spend(
         fingerprint,
         json.dumps({"entry_id": str(entry_id), "free_units": 0}),
         credits,
+        credits,
         account_id,
         credits,
         credits,
@@ -126,5 +130,5 @@ async def spend(
         payment_id=None,
         reverses_entry_id=None,
     )
-    below = threshold is not None and balance < int(threshold)
-    return Spent(entry, int(row["recharge_seq"]) if below else None)
+    crossing = crossed(balance + credits, balance, None if threshold is None else int(threshold))
+    return Spent(entry, int(row["recharge_seq"]) if crossing else None)

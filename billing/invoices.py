@@ -13,7 +13,7 @@ Charging (``charge_invoice``) owns its transactions, like a purchase:
    for one attempt).
 2. The gateway is called with no transaction open, off-session, with an idempotency key
    derived from the payment row, so repeating an attempt never charges twice.
-3. The outcome is applied by ``purchases.apply_charge_result`` (a conditional status
+3. The outcome is applied by ``settlement.settle`` (a conditional status
    change), which calls ``settle_payment`` here: the invoice becomes ``PAID`` or counts a
    failed attempt, with its notification, in that same transaction. A Stripe webhook or the
    stuck-payment sweep applying the same outcome goes through the same path, once.
@@ -36,7 +36,7 @@ from tortoise.exceptions import IntegrityError
 from tortoise.expressions import Q
 from tortoise.transactions import in_transaction
 
-from billing import cards, notifications, sql
+from billing import cards, notifications, settlement, sql
 from billing.enums import InvoiceStatus, NotificationKind, PaymentKind, PaymentStatus
 from billing.gateways import (
     ChargeRequest,
@@ -44,9 +44,10 @@ from billing.gateways import (
     ChargeStatus,
     GatewayUnavailable,
     PaymentGateway,
+    minimum_charge_cents,
 )
 from billing.models import Account, Card, Invoice, InvoiceLine, Payment
-from billing.purchases import apply_charge_result, gateway_key
+from billing.purchases import gateway_key
 from billing.quota import month_bounds
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,11 @@ async def close_month(
     account_id: str, period_start: datetime, period_end: datetime, *, currency: str
 ) -> ClosedMonth | None:
     """Invoice the account's metered usage in [period_start, period_end) (caller's
-    transaction). Idempotent per (account, period_start); None if there was no usage."""
+    transaction). Idempotent per (account, period_start); None if there was no usage.
+
+    Amounts carried from earlier months (each under the gateway's minimum charge) are added
+    to this invoice (``carried_in_cents``); if the total is still under the minimum, this
+    invoice is ``CARRIED_FORWARD`` too, never sent to the gateway (invariant 11)."""
     rows = await sql.fetch(
         "SELECT process_type, SUM(quantity) AS quantity, SUM(amount_cents) AS amount "
         "FROM metered_usage WHERE account_id = ? AND created_at >= ? AND created_at < ? "
@@ -187,14 +192,26 @@ async def close_month(
     if not rows:
         return None
     lines = [(str(r["process_type"]), int(r["quantity"]), int(r["amount"])) for r in rows]
-    total = sum(amount for _, _, amount in lines)
+    carried = await Invoice.filter(
+        account_id=account_id,
+        status=InvoiceStatus.CARRIED_FORWARD,
+        carried_into_id=None,
+        period_start__lt=period_start,
+    )
+    carried_in = sum(int(i.amount_cents) for i in carried)
+    total = sum(amount for _, _, amount in lines) + carried_in
     now = sql.now()
     invoice_id = uuid.uuid4()
-    # Nothing to charge (a zero price): settled at once, no payment.
-    status = InvoiceStatus.OPEN if total > 0 else InvoiceStatus.PAID
+    if total == 0:
+        status = InvoiceStatus.PAID  # nothing to charge (a zero price): settled at once
+    elif total < minimum_charge_cents(currency):
+        status = InvoiceStatus.CARRIED_FORWARD
+    else:
+        status = InvoiceStatus.OPEN
     inserted = await sql.fetch(
         "INSERT INTO invoice (id, account_id, period_start, period_end, status, amount_cents, "
-        "currency, attempts, paid_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?) "
+        "currency, attempts, paid_at, carried_in_cents, created_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?) "
         "ON CONFLICT (account_id, period_start) DO NOTHING RETURNING id",
         _uuid_param(invoice_id),
         account_id,
@@ -203,12 +220,17 @@ async def close_month(
         status.value,
         total,
         currency.lower(),
-        None if total > 0 else now,
+        now if status is InvoiceStatus.PAID else None,
+        carried_in,
         now,
     )
     if not inserted:
         existing = await Invoice.get(account_id=account_id, period_start=period_start)
         return ClosedMonth(existing, created=False)
+    if carried:
+        await Invoice.filter(id__in=[i.id for i in carried], carried_into_id=None).update(
+            carried_into_id=invoice_id
+        )
     await InvoiceLine.bulk_create(
         [
             InvoiceLine(
@@ -231,6 +253,7 @@ class ChargeOutcome(StrEnum):
     IN_FLIGHT = "in_flight"  # the gateway has not finished (processing): looked at later
     GATEWAY_UNAVAILABLE = "gateway_unavailable"  # counted nothing; repeated after the lease
     NOT_FOUND = "not_found"
+    CARRIED_FORWARD = "carried_forward"  # under the minimum charge: added to next month's
 
 
 def trigger_key(invoice_id: uuid.UUID | str, attempt: int) -> str:
@@ -309,7 +332,7 @@ async def charge_invoice(gateway: PaymentGateway, invoice_id: uuid.UUID) -> Char
             failure_message=AUTH_MESSAGE,
         )
     async with in_transaction():
-        await apply_charge_result(payment.id, result)
+        await settlement.settle(payment.id, result)
         invoice = await Invoice.get(id=invoice_id)
     if result.status is ChargeStatus.PROCESSING:
         return ChargeOutcome.IN_FLIGHT
@@ -319,6 +342,8 @@ async def charge_invoice(gateway: PaymentGateway, invoice_id: uuid.UUID) -> Char
 def _outcome_of(invoice: Invoice) -> ChargeOutcome:
     if invoice.status is InvoiceStatus.PAID:
         return ChargeOutcome.PAID
+    if invoice.status is InvoiceStatus.CARRIED_FORWARD:
+        return ChargeOutcome.CARRIED_FORWARD
     if invoice.status is InvoiceStatus.FAILED:
         return ChargeOutcome.FAILED
     return ChargeOutcome.RETRY_SCHEDULED
@@ -340,6 +365,12 @@ async def _claim(invoice_id: uuid.UUID) -> _Attempt | ChargeOutcome:
             return ChargeOutcome.NOT_DUE
         return _outcome_of(current)
     invoice = await Invoice.get(id=invoice_id)
+    if invoice.amount_cents < minimum_charge_cents(invoice.currency):
+        # Closed before the minimum was known here: never sent under it (invariant 11).
+        await Invoice.filter(id=invoice.id, status=InvoiceStatus.OPEN).update(
+            status=InvoiceStatus.CARRIED_FORWARD, next_attempt_at=None
+        )
+        return ChargeOutcome.CARRIED_FORWARD
     attempt = next_attempt(invoice)
     key = trigger_key(invoice.id, attempt)
     account = await Account.get(id=invoice.account_id)
@@ -392,7 +423,7 @@ async def _claim(invoice_id: uuid.UUID) -> _Attempt | ChargeOutcome:
 
 async def settle_payment(payment: Payment) -> None:
     """Book a finished INVOICE payment on its invoice (caller's transaction). Idempotent:
-    called by ``purchases.apply_charge_result`` when the payment's status changes."""
+    called by ``settlement.settle`` when the payment's status changes."""
     ref = _parse_trigger_key(payment.trigger_key)
     if payment.kind is not PaymentKind.INVOICE or ref is None:
         log.error("payment %s is not an invoice payment", payment.id)

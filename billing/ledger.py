@@ -16,10 +16,42 @@ from dataclasses import dataclass
 
 from billing import changes, lowbalance, sql
 from billing.enums import ErrorCode, ProcessType, TransactionType
-from billing.errors import fail
+from billing.errors import BillingError, fail
 from billing.models import LedgerEntry
 
 MAX_CREDITS_PER_ENTRY = 100_000_000
+#: The largest figure the API serves (GraphQL ``Int``): no balance goes past it (invariant
+#: 10); the database holds the same bound (migration 0008).
+MAX_BALANCE = 2**31 - 1
+
+#: The debit statement's crossing rule (see ``crossed``): set ``recharge_crossed`` when this
+#: debit takes the balance from at or above the threshold to below it. ``balance`` on the
+#: right-hand side is the value before the update, in PostgreSQL and SQLite alike.
+CROSSING_SET = (
+    "recharge_crossed = CASE WHEN recharge_threshold IS NOT NULL "
+    "AND balance >= recharge_threshold AND balance + ? < recharge_threshold "
+    "THEN TRUE ELSE recharge_crossed END"
+)
+
+
+def crossed(before: int, after: int, threshold: int | None) -> bool:
+    """A threshold crossing: the balance went from at or above ``threshold`` to below it.
+
+    The one rule every path uses (DESIGN.md section 3, "Threshold crossings"): a balance
+    that stays under the threshold, however often it is spent from, crosses nothing; saving
+    or enabling the setting while below counts as a crossing (``autorecharge``)."""
+    return threshold is not None and before >= threshold > after
+
+
+def balance_limit_error(balance: int, credits: int) -> BillingError:
+    return fail(
+        ErrorCode.BALANCE_LIMIT,
+        f"Adding {credits:,} credits to a balance of {balance:,} would pass the largest "
+        f"balance the service holds ({MAX_BALANCE:,}).",
+        "credits",
+    )
+
+
 MAX_DESCRIPTION = 500  # the column's width; descriptions built from input are cut to it
 
 
@@ -41,7 +73,7 @@ class Movement:
 @dataclass(frozen=True, slots=True)
 class Posted:
     entry: LedgerEntry
-    recharge_seq: int | None  # set when a debit left the balance below the recharge threshold
+    recharge_seq: int | None  # set when this debit crossed the recharge threshold
 
 
 async def post(movement: Movement) -> LedgerEntry:
@@ -60,9 +92,10 @@ async def post_returning(movement: Movement) -> Posted:
     conn = sql.connection()
     if movement.credits < 0:
         rows = await sql.fetch(
-            "UPDATE credit_account SET balance = balance + ? "
+            f"UPDATE credit_account SET balance = balance + ?, {CROSSING_SET} "
             "WHERE id = ? AND balance + ? >= 0 "
             "RETURNING balance, recharge_threshold, recharge_seq, low_balance_level",
+            movement.credits,
             movement.credits,
             movement.account_id,
             movement.credits,
@@ -74,16 +107,26 @@ async def post_returning(movement: Movement) -> Posted:
             )
     else:
         rows = await sql.fetch(
-            "UPDATE credit_account SET balance = balance + ? WHERE id = ? "
+            "UPDATE credit_account SET balance = balance + ? WHERE id = ? AND balance <= ? "
             "RETURNING balance, recharge_threshold, recharge_seq",
             movement.credits,
             movement.account_id,
+            MAX_BALANCE - movement.credits,
         )
         if not rows:
-            raise LookupError(f"account {movement.account_id} does not exist")
+            current = await sql.fetch(
+                "SELECT balance FROM credit_account WHERE id = ?", movement.account_id
+            )
+            if not current:
+                raise LookupError(f"account {movement.account_id} does not exist")
+            raise balance_limit_error(int(current[0]["balance"]), movement.credits)
     balance_after = int(rows[0]["balance"])
     threshold = rows[0]["recharge_threshold"]
-    below = threshold is not None and balance_after < int(threshold)
+    below = movement.credits < 0 and crossed(
+        balance_after - movement.credits,
+        balance_after,
+        None if threshold is None else int(threshold),
+    )
     description = movement.description[:MAX_DESCRIPTION]
     entry_id = movement.entry_id or uuid.uuid4()
     created_at = sql.now()  # taken under the row lock: per account, time order == lock order

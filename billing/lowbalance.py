@@ -14,7 +14,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from billing import changes, notifications, sql
+from billing import notifications, sql
 from billing.accounts import ensure_account
 from billing.enums import NotificationKind
 from billing.errors import Validator
@@ -56,7 +56,6 @@ async def notify(account_id: str, balance: int, level: int, dedupe_key: str) -> 
             f"{level:,} credits."
         ),
     )
-    changes.notification_queued(notice)
     return notice
 
 

@@ -29,6 +29,10 @@ class Account(Model):
     gateway_customer_id = fields.CharField(max_length=255, null=True)
     recharge_threshold = fields.BigIntField(null=True)  # set while THRESHOLD auto-recharge is on
     recharge_seq = fields.IntField(default=0)  # bumps when a threshold recharge settles
+    # A threshold crossing not yet served: set by the debit that took the balance from at or
+    # above the threshold to below it (or by saving the setting while below); cleared by the
+    # recharge that serves it. See billing/crossing.py.
+    recharge_crossed = fields.BooleanField(default=False, db_default=False)
     low_balance_level = fields.BigIntField(null=True)  # the admins' low-balance alert (None: off)
     flag_reason = fields.CharField(max_length=500, null=True)
     flagged_at = fields.DatetimeField(null=True)
@@ -112,6 +116,9 @@ class Payment(Model):
     refunded_cents = fields.BigIntField(default=0)
     trigger_key = fields.CharField(max_length=255, null=True, unique=True)
     settled_at = fields.DatetimeField(null=True)  # auto-recharge outcome booked on its setting
+    # when the sweep last re-read a payment the gateway may still move (requires_action, a
+    # retryable failure) at the gateway
+    gateway_checked_at = fields.DatetimeField(null=True)
     created_by = fields.CharField(max_length=128, null=True)
     created_at = fields.DatetimeField()
     updated_at = fields.DatetimeField()
@@ -282,6 +289,9 @@ class GatewayEvent(Model):
     processed_at = fields.DatetimeField(null=True)
     attempts = fields.IntField(default=0)
     last_error = fields.CharField(max_length=500, null=True)
+    # what processing made of it: applied, ignored (not ours), pending (waits for a state
+    # it needs: retried by the sweep), mismatch (the object contradicts our payment)
+    outcome = fields.CharField(max_length=16, null=True)
 
     class Meta:
         table = "gateway_event"
@@ -334,6 +344,10 @@ class Invoice(Model):
         "billing.Payment", related_name="invoices", null=True, on_delete=fields.RESTRICT
     )
     payment_id: str | None
+    # cents of earlier months carried into this invoice (each under the minimum charge)
+    carried_in_cents = fields.BigIntField(default=0, db_default=0)
+    # set on a CARRIED_FORWARD invoice once a later invoice took its amount
+    carried_into_id = fields.UUIDField(null=True)
     created_at = fields.DatetimeField()
 
     class Meta:

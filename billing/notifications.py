@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 from tortoise.backends.base.client import TransactionalDBClient
 from tortoise.transactions import in_transaction
 
-from billing import clock, sql
+from billing import changes, clock, sql
 from billing.accounts import admin_emails
 from billing.enums import NotificationKind
 from billing.mailer import Mailer, MailRefused
@@ -53,7 +53,11 @@ async def queue(
         body,
         sql.now(),
     )
-    return int(rows[0]["id"]) if rows else None
+    notification_id = int(rows[0]["id"]) if rows else None
+    # Sent right after the caller's commit (by whoever collects the changes); the cron
+    # only heals what a lost enqueue left behind.
+    changes.notification_queued(notification_id)
+    return notification_id
 
 
 # --- Delivery -----------------------------------------------------------------------------

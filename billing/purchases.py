@@ -2,9 +2,9 @@
 
 A purchase writes its payment row (``PENDING``) and claims its idempotency key in one
 transaction *before* the gateway is called; the gateway's idempotency key is derived from
-that row. The outcome is applied in a second transaction by a conditional status change,
-so the credits land exactly once however many times the outcome is seen (API call,
-confirm, webhook, sweep).
+that row. The outcome is booked in a second transaction by ``settlement.settle``, so the
+credits land exactly once however many times, and in whatever order, the outcome is seen
+(API call, confirm, webhook, sweep).
 """
 
 from __future__ import annotations
@@ -15,31 +15,20 @@ from dataclasses import dataclass
 
 from tortoise.transactions import in_transaction
 
-from billing import cards, idempotency, ledger, sql
+from billing import cards, idempotency, ledger, settlement, sql
 from billing.accounts import ensure_account
-from billing.enums import ErrorCode, PaymentKind, PaymentStatus, ProcessType, TransactionType
+from billing.enums import ErrorCode, PaymentKind, PaymentStatus, TransactionType
 from billing.errors import UserError, fail
 from billing.gateways import (
     ChargeRequest,
-    ChargeResult,
-    ChargeStatus,
     GatewayUnavailable,
     PaymentGateway,
+    minimum_charge_cents,
 )
-from billing.ledger import Movement
 from billing.models import Account, Card, LedgerEntry, Payment
 from billing.pricing import PriceBook
 
 log = logging.getLogger(__name__)
-
-_CREDIT_ENTRY = {
-    PaymentKind.PURCHASE: (TransactionType.PURCHASE, ProcessType.MANUAL_PURCHASE, "Purchased"),
-    PaymentKind.AUTO_RECHARGE: (
-        TransactionType.AUTO_RECHARGE,
-        ProcessType.AUTO_RECHARGE,
-        "Auto-recharged",
-    ),
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +61,15 @@ async def purchase_credits(
             f"credits must be {book.min_purchase_credits:,} to {book.max_purchase_credits:,}",
             "credits",
         )
+    amount_cents = book.amount_cents(credits)
+    minimum = minimum_charge_cents(book.currency)
+    if amount_cents < minimum:
+        raise fail(
+            ErrorCode.AMOUNT_TOO_SMALL,
+            f"{credits:,} credits cost {amount_cents} cents; the card payment minimum is "
+            f"{minimum} cents",
+            "credits",
+        )
     idempotency.check_key(idempotency_key)
     await ensure_account(account_id)
     params = {"credits": credits, "cardId": str(card_id) if card_id_given else None}
@@ -97,6 +95,10 @@ async def purchase_credits(
         if replay is not None:
             return await describe(uuid.UUID(str(replay.result["payment_id"])))
         account = await Account.get(id=account_id)
+        if account.balance > ledger.MAX_BALANCE - credits:
+            # Checked before the card is charged: money taken for credits that can't be held
+            # would have to be refunded (invariant 10).
+            raise ledger.balance_limit_error(account.balance, credits)
         now = sql.now()
         payment = await Payment.create(
             id=payment_id,
@@ -105,7 +107,7 @@ async def purchase_credits(
             kind=PaymentKind.PURCHASE,
             status=PaymentStatus.PENDING,
             credits=credits,
-            amount_cents=book.amount_cents(credits),
+            amount_cents=amount_cents,
             currency=book.currency,
             created_by=user_id,
             created_at=now,
@@ -131,88 +133,8 @@ async def purchase_credits(
         log.warning("gateway unavailable for payment %s; left PENDING", payment.id)
         return await describe(payment.id)
     async with in_transaction():
-        await apply_charge_result(payment.id, result)
+        await settlement.settle(payment.id, result)
     return await describe(payment.id)
-
-
-async def apply_charge_result(payment_id: uuid.UUID, result: ChargeResult) -> bool:
-    """Move a payment to the gateway's outcome, crediting the ledger on success, once.
-
-    Caller owns the transaction. Returns True when this call changed the payment.
-    """
-    conn = sql.connection()
-    now = sql.now()
-    open_states = (PaymentStatus.PENDING.value, PaymentStatus.REQUIRES_ACTION.value)
-    if result.status is ChargeStatus.SUCCEEDED:
-        changed = await sql.execute(
-            "UPDATE payment SET status = ?, gateway_payment_id = COALESCE(?, gateway_payment_id), "
-            "client_secret = NULL, updated_at = ? WHERE id = ? AND status IN (?, ?)",
-            PaymentStatus.SUCCEEDED.value,
-            result.gateway_payment_id,
-            now,
-            _id(conn, payment_id),
-            *open_states,
-        )
-        if changed:
-            payment = await Payment.get(id=payment_id)
-            if payment.kind is PaymentKind.INVOICE:
-                await _settle_invoice(payment)
-                return True
-            kind, process, verb = _CREDIT_ENTRY[payment.kind]
-            await ledger.post(
-                Movement(
-                    account_id=payment.account_id,
-                    credits=payment.credits,
-                    type=kind,
-                    process_type=process,
-                    description=f"{verb} {payment.credits:,} credits",
-                    user_id=payment.created_by,
-                    payment_id=payment.id,
-                )
-            )
-        return bool(changed)
-    if result.status is ChargeStatus.REQUIRES_ACTION:
-        changed = await sql.execute(
-            "UPDATE payment SET status = ?, gateway_payment_id = ?, client_secret = ?, "
-            "updated_at = ? WHERE id = ? AND status = ?",
-            PaymentStatus.REQUIRES_ACTION.value,
-            result.gateway_payment_id,
-            result.client_secret,
-            now,
-            _id(conn, payment_id),
-            PaymentStatus.PENDING.value,
-        )
-        return bool(changed)
-    if result.status is ChargeStatus.FAILED:
-        changed = await sql.execute(
-            "UPDATE payment SET status = ?, gateway_payment_id = COALESCE(?, gateway_payment_id), "
-            "client_secret = NULL, failure_code = ?, failure_message = ?, updated_at = ? "
-            "WHERE id = ? AND status IN (?, ?)",
-            PaymentStatus.FAILED.value,
-            result.gateway_payment_id,
-            result.decline_code or result.failure_code,
-            (result.failure_message or "The card was declined.")[:500],
-            now,
-            _id(conn, payment_id),
-            *open_states,
-        )
-        if changed:
-            payment = await Payment.get(id=payment_id)
-            if payment.kind is PaymentKind.INVOICE:
-                await _settle_invoice(payment)
-        return bool(changed)
-    return False  # PROCESSING: nothing to record yet
-
-
-async def _settle_invoice(payment: Payment) -> None:
-    """An invoice payment credits nothing: its outcome is booked on the invoice."""
-    from billing import invoices  # invoices charges through this module
-
-    await invoices.settle_payment(payment)
-
-
-def _id(conn: object, value: uuid.UUID) -> object:
-    return value if sql.is_postgres(conn) else str(value)  # type: ignore[arg-type]
 
 
 async def describe(payment_id: uuid.UUID) -> PaymentOutcome:
@@ -246,9 +168,11 @@ async def confirm_purchase(
     )
     if payment is None:
         raise fail(ErrorCode.NOT_FOUND, "No such payment.", "paymentId")
-    open_states = (PaymentStatus.PENDING, PaymentStatus.REQUIRES_ACTION)
+    # FAILED included: Stripe's requires_payment_method is not final (the customer may
+    # retry the same PaymentIntent and pass), so the gateway is asked again.
+    open_states = (PaymentStatus.PENDING, PaymentStatus.REQUIRES_ACTION, PaymentStatus.FAILED)
     if payment.status in open_states and payment.gateway_payment_id:
         result = await gateway.retrieve_charge(payment.gateway_payment_id)
         async with in_transaction():
-            await apply_charge_result(payment.id, result)
+            await settlement.settle(payment.id, result)
     return await describe(payment.id)

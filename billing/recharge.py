@@ -19,7 +19,7 @@ from enum import StrEnum
 
 from tortoise.transactions import in_transaction
 
-from billing import ledger, notifications, sql
+from billing import ledger, notifications, settlement, sql
 from billing.enums import (
     AutoRechargeTrigger,
     NotificationKind,
@@ -29,7 +29,7 @@ from billing.enums import (
 from billing.gateways import ChargeRequest, GatewayUnavailable, PaymentGateway
 from billing.models import Account, AutoRechargeSetting, Card, Payment
 from billing.pricing import PriceBook
-from billing.purchases import apply_charge_result, gateway_key
+from billing.purchases import gateway_key
 from billing.quota import month_bounds
 
 log = logging.getLogger(__name__)
@@ -103,9 +103,14 @@ async def _start(
         return RechargeResult(Outcome.PAUSED), None, None, None
     now = sql.now()
     if trigger is AutoRechargeTrigger.THRESHOLD:
+        if not account.recharge_crossed:
+            # No open crossing: this one was served (or never happened). A balance that
+            # stays under the threshold is not a new crossing (DESIGN.md section 3).
+            return RechargeResult(Outcome.NOT_NEEDED), None, None, None
         if setting.next_attempt_at is not None and setting.next_attempt_at > now:
             return RechargeResult(Outcome.BACKOFF), None, None, None
         if setting.threshold_credits is None or account.balance >= setting.threshold_credits:
+            await close_crossing(account_id)  # topped up meanwhile: nothing to serve
             return RechargeResult(Outcome.NOT_NEEDED), None, None, None
     elif (
         setting.next_run_at is None
@@ -121,7 +126,13 @@ async def _start(
     if credits <= 0:
         return RechargeResult(Outcome.DISABLED), None, None, None
     cap = setting.monthly_limit_credits
-    if cap is not None and await _recharged_this_month(account) + credits > cap:
+    if (cap is not None and await _recharged_this_month(account) + credits > cap) or (
+        account.balance > ledger.MAX_BALANCE - credits
+    ):
+        # Over the monthly cap, or the credits could not be held (invariant 10): this
+        # crossing is not served, and it is closed, so the sweep does not ask again.
+        if trigger is AutoRechargeTrigger.THRESHOLD:
+            await close_crossing(account_id)
         return RechargeResult(Outcome.CAPPED), None, None, None
     card = await _card_for(setting)
     if card is None:
@@ -190,7 +201,7 @@ async def _charge(
         )
         return RechargeResult(Outcome.PENDING, payment.id)
     async with in_transaction():
-        await apply_charge_result(payment.id, result)
+        await settlement.settle(payment.id, result)
         return await settle(payment.id)
 
 
@@ -203,10 +214,11 @@ async def settle(payment_id: uuid.UUID) -> RechargeResult:
     if setting is None or payment.status in IN_FLIGHT:
         return RechargeResult(Outcome.PENDING, payment.id)
     if not await _first_settlement(payment.id):
-        return RechargeResult(
-            Outcome.CHARGED if payment.status is PaymentStatus.SUCCEEDED else Outcome.DECLINED,
-            payment.id,
-        )
+        # Booked already (by settlement, a webhook, the sweep): report what it came to.
+        if payment.status is PaymentStatus.SUCCEEDED:
+            return RechargeResult(Outcome.CHARGED, payment.id)
+        paused = setting.paused_reason is not None
+        return RechargeResult(Outcome.PAUSED if paused else Outcome.DECLINED, payment.id)
     now = sql.now()
     notices: list[int] = []
     if payment.status is PaymentStatus.SUCCEEDED:
@@ -216,7 +228,7 @@ async def settle(payment_id: uuid.UUID) -> RechargeResult:
         if setting.trigger is AutoRechargeTrigger.SCHEDULE and setting.next_run_at is not None:
             setting.next_run_at = _advance(setting.next_run_at, setting.interval_days or 1, now)
         await setting.save()
-        await _next_crossing(payment.account_id)
+        await _next_crossing(payment.account_id, served=True)
         if setting.notify:
             notices.append(
                 await notifications.queue(
@@ -235,7 +247,7 @@ async def settle(payment_id: uuid.UUID) -> RechargeResult:
             )
         return RechargeResult(Outcome.CHARGED, payment.id, tuple(n for n in notices if n))
     # Declined (or authentication required, which off-session can't satisfy).
-    await _next_crossing(payment.account_id)
+    await _next_crossing(payment.account_id, served=False)
     setting.consecutive_failures += 1
     needs_auth = payment.failure_code == "authentication_required"
     reason = payment.failure_message or "The card was declined."
@@ -276,11 +288,37 @@ async def _first_settlement(payment_id: uuid.UUID) -> bool:
     return bool(changed)
 
 
-async def _next_crossing(account_id: str) -> None:
-    """A settled attempt closes its crossing: the next one gets a new key and job id."""
+async def _next_crossing(account_id: str, *, served: bool) -> None:
+    """A settled attempt moves to a new trigger key and job id (``recharge_seq``); a served
+    crossing (the charge succeeded) is closed, a declined one stays open for the retry
+    after the backoff."""
+    if served:
+        await close_crossing(account_id)
+    else:
+        await sql.execute(
+            "UPDATE credit_account SET recharge_seq = recharge_seq + 1 WHERE id = ?", account_id
+        )
+
+
+async def close_crossing(account_id: str) -> None:
+    """The open threshold crossing is dealt with: no recharge until a new one."""
     await sql.execute(
-        "UPDATE credit_account SET recharge_seq = recharge_seq + 1 WHERE id = ?", account_id
+        "UPDATE credit_account SET recharge_crossed = ?, recharge_seq = recharge_seq + 1 "
+        "WHERE id = ?",
+        False,
+        account_id,
     )
+
+
+async def open_crossing(account_id: str) -> int:
+    """Saving or enabling the setting while the balance is under its threshold counts as a
+    crossing; returns the crossing number (for the job id)."""
+    rows = await sql.fetch(
+        "UPDATE credit_account SET recharge_crossed = ? WHERE id = ? RETURNING recharge_seq",
+        True,
+        account_id,
+    )
+    return int(rows[0]["recharge_seq"])
 
 
 async def _pause(setting: AutoRechargeSetting, reason: str) -> tuple[int, ...]:
@@ -288,6 +326,7 @@ async def _pause(setting: AutoRechargeSetting, reason: str) -> tuple[int, ...]:
     setting.next_attempt_at = None
     await setting.save()
     await sync_threshold(setting)
+    await close_crossing(setting.account_id)  # saving the setting again re-arms it
     notice = await notifications.queue(
         setting.account_id,
         NotificationKind.AUTO_RECHARGE_PAUSED,
@@ -328,12 +367,13 @@ async def due_schedules(limit: int = 1000) -> list[tuple[str, datetime]]:
 
 
 async def below_threshold(limit: int = 1000) -> list[tuple[str, int]]:
-    """Accounts under their threshold with no recharge in flight and no backoff running:
-    what a lost enqueue left behind."""
+    """Accounts with an open threshold crossing, no recharge in flight and no backoff
+    running: what a lost enqueue left behind. (An account merely under its threshold has
+    had its crossing served: it is not asked again.)"""
     rows = await sql.fetch(
         "SELECT a.id, a.recharge_seq FROM credit_account a "
         "JOIN auto_recharge_setting s ON s.account_id = a.id "
-        "WHERE a.recharge_threshold IS NOT NULL AND a.balance < a.recharge_threshold "
+        "WHERE a.recharge_threshold IS NOT NULL AND a.recharge_crossed = TRUE "
         "AND (s.next_attempt_at IS NULL OR s.next_attempt_at <= ?) "
         "AND NOT EXISTS (SELECT 1 FROM payment p WHERE p.account_id = a.id AND p.kind = ? "
         "AND p.status IN (?, ?)) LIMIT ?",
@@ -353,17 +393,47 @@ async def stuck_payments(limit: int = 100) -> list[uuid.UUID]:
     return [p.id for p in rows]
 
 
-async def heal_payment(gateway: PaymentGateway, payment_id: uuid.UUID) -> PaymentStatus:
-    """Settle a stuck payment from the gateway's own record of it.
+#: How long a payment the gateway may still move (3-D Secure waiting, a failure the customer
+#: may retry) is re-read by the sweep, and how often.
+RECHECK_FOR = timedelta(days=3)
+RECHECK_EVERY = timedelta(minutes=5)
 
-    With the gateway's id known, re-read it. Without (the process died before Stripe
-    answered), repeat the charge with the same idempotency key: Stripe answers with the
-    first PaymentIntent instead of charging again."""
+
+async def payments_to_recheck(limit: int = 100) -> list[uuid.UUID]:
+    """``REQUIRES_ACTION`` and ``FAILED`` payments the gateway may still move to succeeded
+    (Stripe's ``requires_action`` and ``requires_payment_method`` are not final), updated in
+    the last ``RECHECK_FOR`` and not re-read in the last ``RECHECK_EVERY``: a success whose
+    webhook was lost is still booked (invariant 9). Uses the (status, updated_at) index."""
+    now = sql.now()
+    rows = await sql.fetch(
+        "SELECT id FROM payment WHERE status IN (?, ?) AND updated_at >= ? AND updated_at <= ? "
+        "AND gateway_payment_id IS NOT NULL "
+        "AND (gateway_checked_at IS NULL OR gateway_checked_at < ?) "
+        "ORDER BY updated_at LIMIT ?",
+        PaymentStatus.REQUIRES_ACTION.value,
+        PaymentStatus.FAILED.value,
+        now - RECHECK_FOR,
+        now,
+        now - RECHECK_EVERY,
+        limit,
+    )
+    return [uuid.UUID(str(r["id"])) for r in rows]
+
+
+async def heal_payment(gateway: PaymentGateway, payment_id: uuid.UUID) -> PaymentStatus:
+    """Settle a stuck or unfinished payment from the gateway's own record of it.
+
+    With the gateway's id known, re-read it (a PENDING, REQUIRES_ACTION or FAILED payment:
+    the gateway may have moved on). Without (the process died before Stripe answered),
+    repeat the charge with the same idempotency key: Stripe answers with the first
+    PaymentIntent instead of charging again."""
     payment = await Payment.get(id=payment_id)
-    if payment.status is not PaymentStatus.PENDING:
+    if payment.status in (PaymentStatus.SUCCEEDED, PaymentStatus.REFUNDED):
         return payment.status
     if payment.gateway_payment_id:
         result = await gateway.retrieve_charge(payment.gateway_payment_id)
+    elif payment.status is not PaymentStatus.PENDING:
+        return payment.status
     else:
         card = await Card.get_or_none(id=payment.card_id) if payment.card_id else None
         account = await Account.get(id=payment.account_id)
@@ -384,7 +454,8 @@ async def heal_payment(gateway: PaymentGateway, payment_id: uuid.UUID) -> Paymen
             )
     async with in_transaction():
         if result is not None:
-            await apply_charge_result(payment.id, result)
+            await settlement.settle(payment.id, result)
+        await Payment.filter(id=payment.id).update(gateway_checked_at=sql.now())
         if payment.kind is PaymentKind.AUTO_RECHARGE:
             await settle(payment.id)
     return (await Payment.get(id=payment_id)).status

@@ -10,8 +10,10 @@ Checks, for every account (or the ``--account`` ones):
   and ``AUTO_RECHARGE``; refunded ones included) has exactly one credit entry;
 - ``entry-payment``: every credit entry from a card (types ``PURCHASE`` and
   ``AUTO_RECHARGE``) has its payment: succeeded, of the same account, kind and credits;
-- ``stripe`` (with ``PAYMENT_GATEWAY=stripe``): each of our succeeded payments is a
-  PaymentIntent that Stripe reports ``succeeded``, for the same amount and currency.
+- ``flagged``: accounts flagged because a gateway object contradicted their payment;
+  ``gateway-event``: events that did not match our payment, or still pending after a day;
+- ``stripe`` (with ``PAYMENT_GATEWAY=stripe``): each payment Stripe knows of is a
+  PaymentIntent whose status, amount, currency, customer and refunded amount agree.
 
 The database checks are a handful of set-based queries (``GROUP BY`` and window
 functions), whatever the number of accounts; only an account whose chain looks broken is
@@ -31,12 +33,14 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from billing import sql
 from billing.enums import PaymentKind, PaymentStatus, TransactionType
 from billing.gateways import GatewayUnavailable
 from billing.gateways.stripe_gateway import StripeGateway
+from billing.settlement import MISMATCH_FLAG
 
 CREDIT_KINDS = (PaymentKind.PURCHASE.value, PaymentKind.AUTO_RECHARGE.value)
 CREDIT_TYPES = (TransactionType.PURCHASE.value, TransactionType.AUTO_RECHARGE.value)
@@ -302,34 +306,111 @@ async def check_database(account_ids: Sequence[str] | None = None) -> Report:
         await _chain(report, account_id)
     await _payments_without_one_entry(report, account_ids)
     await _entries_without_payment(report, account_ids)
+    await _flagged(report, account_ids)
+    if account_ids is None:
+        await _gateway_events(report)
     return report
+
+
+#: A gateway event still waiting this long for the state it needs is reported.
+PENDING_EVENT_AGE = timedelta(days=1)
+
+
+async def _flagged(report: Report, account_ids: Sequence[str] | None) -> None:
+    """Accounts flagged because a gateway object contradicted one of their payments (seen by
+    a confirm, a run or the sweep; a webhook's is also a ``gateway-event`` line)."""
+    where_a, pa = _scope("id", account_ids)
+    rows = await sql.fetch(
+        f"SELECT id, flag_reason FROM credit_account WHERE {where_a} "
+        "AND flag_reason LIKE ? ORDER BY id",
+        *pa,
+        f"{MISMATCH_FLAG}%",
+    )
+    for r in rows:
+        report.add("flagged", r["id"], str(r["flag_reason"]))
+
+
+async def _gateway_events(report: Report) -> None:
+    """Events that contradicted our payments, and events pending for over a day."""
+    rows = await sql.fetch(
+        "SELECT external_id, type, outcome, last_error, received_at FROM gateway_event "
+        "WHERE outcome = ? OR (processed_at IS NULL AND received_at < ?) ORDER BY id",
+        "mismatch",
+        sql.now() - PENDING_EVENT_AGE,
+    )
+    for r in rows:
+        state = "does not match" if r["outcome"] == "mismatch" else "still pending"
+        report.add(
+            "gateway-event",
+            "-",
+            f"event {r['external_id']} ({r['type']}) {state}: {r['last_error'] or ''}".rstrip(),
+        )
 
 
 # ---------------------------------------------------------------- Stripe
 
 
-async def _granted_payments(
+async def _gateway_payments(
     account_ids: Sequence[str] | None,
 ) -> AsyncIterator[list[dict[str, Any]]]:
-    """Our succeeded payments (every kind), a page at a time (keyset over id)."""
-    where_p, pp = _scope("account_id", account_ids)
+    """Our payments the gateway knows of (a gateway reference), and succeeded ones (which
+    must have one), a page at a time (keyset over id)."""
+    where_p, pp = _scope("p.account_id", account_ids)
     base = (
-        "SELECT id, account_id, kind, status, amount_cents, currency, gateway_payment_id "
-        f"FROM payment WHERE {where_p} AND status IN ({_in(GRANTED)})"
+        "SELECT p.id AS id, p.account_id AS account_id, p.kind AS kind, p.status AS status, "
+        "p.amount_cents AS amount_cents, p.currency AS currency, "
+        "p.refunded_cents AS refunded_cents, p.gateway_payment_id AS gateway_payment_id, "
+        "a.gateway_customer_id AS customer_id "
+        "FROM payment p JOIN credit_account a ON a.id = p.account_id "
+        f"WHERE {where_p} AND (p.status IN ({_in(GRANTED)}) OR p.gateway_payment_id IS NOT NULL)"
     )
     after: Any = None
     while True:
         if after is None:
-            rows = await sql.fetch(f"{base} ORDER BY id LIMIT ?", *pp, STRIPE_PAGE)
+            rows = await sql.fetch(f"{base} ORDER BY p.id LIMIT ?", *pp, STRIPE_PAGE)
         else:
             rows = await sql.fetch(
-                f"{base} AND id > ? ORDER BY id LIMIT ?", *pp, after, STRIPE_PAGE
+                f"{base} AND p.id > ? ORDER BY p.id LIMIT ?", *pp, after, STRIPE_PAGE
             )
         if rows:
             yield rows
         if len(rows) < STRIPE_PAGE:
             return
         after = rows[-1]["id"]
+
+
+def _ref(value: Any) -> str | None:
+    if isinstance(value, dict):
+        value = value.get("id")
+    return str(value) if value else None
+
+
+def _intent_problems(payment: dict[str, Any], intent: dict[str, Any]) -> list[str]:
+    """How Stripe's PaymentIntent (``latest_charge`` expanded) differs from our payment."""
+    problems = []
+    granted = payment["status"] in GRANTED
+    at_stripe = intent.get("status")
+    if granted and at_stripe != "succeeded":
+        problems.append(f"Stripe says {at_stripe}")
+    if not granted and at_stripe == "succeeded":
+        problems.append(f"{payment['status']} here but Stripe says succeeded")
+    if int(intent.get("amount") or 0) != int(payment["amount_cents"]):
+        problems.append(
+            f"amount {int(payment['amount_cents'])} here, {intent.get('amount')} at Stripe"
+        )
+    if str(intent.get("currency") or "").lower() != str(payment["currency"]).lower():
+        problems.append(f"currency {payment['currency']} here, {intent.get('currency')} at Stripe")
+    customer = _ref(intent.get("customer"))
+    if customer and payment["customer_id"] and customer != payment["customer_id"]:
+        problems.append(f"customer {payment['customer_id']} here, {customer} at Stripe")
+    charge = intent.get("latest_charge")
+    if isinstance(charge, dict) and charge.get("amount_refunded") is not None:
+        refunded = int(charge["amount_refunded"])
+        if refunded != int(payment["refunded_cents"] or 0):
+            problems.append(
+                f"refunded {int(payment['refunded_cents'] or 0)} here, {refunded} at Stripe"
+            )
+    return problems
 
 
 async def _check_intent(
@@ -347,19 +428,12 @@ async def _check_intent(
         report.errors.append(f"stripe: could not read PaymentIntent {intent_id}: {exc}")
         return
     if intent is None:
-        report.add(
-            "stripe", payment["account_id"], f"{what}: Stripe has no PaymentIntent {intent_id}"
-        )
+        if payment["status"] in GRANTED:
+            report.add(
+                "stripe", payment["account_id"], f"{what}: Stripe has no PaymentIntent {intent_id}"
+            )
         return
-    problems = []
-    if intent.get("status") != "succeeded":
-        problems.append(f"Stripe says {intent.get('status')}")
-    if int(intent.get("amount") or 0) != int(payment["amount_cents"]):
-        problems.append(
-            f"amount {int(payment['amount_cents'])} here, {intent.get('amount')} at Stripe"
-        )
-    if str(intent.get("currency") or "").lower() != str(payment["currency"]).lower():
-        problems.append(f"currency {payment['currency']} here, {intent.get('currency')} at Stripe")
+    problems = _intent_problems(payment, intent)
     if problems:
         report.add(
             "stripe",
@@ -374,10 +448,12 @@ async def check_stripe(
     account_ids: Sequence[str] | None = None,
     concurrency: int = 8,
 ) -> None:
-    """Compare our succeeded payments with their PaymentIntents at Stripe."""
+    """Compare every payment Stripe knows of with its PaymentIntent at Stripe: status (a
+    payment FAILED here that succeeded there, or the reverse), amount, currency, customer,
+    refunded amount."""
     limit = asyncio.Semaphore(concurrency)
     report.stripe_checked = 0
-    async for page in _granted_payments(account_ids):
+    async for page in _gateway_payments(account_ids):
         await asyncio.gather(*(_check_intent(report, gateway, p, limit) for p in page))
         report.stripe_checked += len(page)
 

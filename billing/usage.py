@@ -20,7 +20,7 @@ from billing.errors import Validator, fail
 from billing.ledger import Movement
 from billing.models import Account, Card, LedgerEntry, MeteredUsage
 from billing.pricing import PriceBook, ProcessPrice
-from billing.quota import take_free_units
+from billing.quota import month_bounds, take_free_units
 
 MIN_QUANTITY = 1
 MAX_QUANTITY = 10_000
@@ -118,7 +118,7 @@ async def consume(
                 return ConsumeResult(done.entry, done.entry.balance_after, 0, done.recharge_seq)
             if done is None:
                 break  # the transactional path decides (and explains)
-            replayed = await _replay_when_settled(account_id, idempotency_key, params)
+            replayed = await replay_when_settled(account_id, idempotency_key, params)
             if replayed is not None:
                 return replayed
             # the first request with this key was withdrawn: try again as a fresh one
@@ -148,12 +148,15 @@ def _consume_params(
     }
 
 
-async def _replay_when_settled(
+async def replay_when_settled(
     account_id: str, key: str, params: dict[str, object]
 ) -> ConsumeResult | None:
     """The first request's result; it may still be settling (a fast-path claim whose
     spend fell back to a transaction), so wait for it a moment. ``None`` if it was
-    withdrawn (refused: the key is free again)."""
+    withdrawn (refused: the key is free again). Every writer that finds a key claimed
+    (a single spend, a batch) goes through here, so they treat an earlier claimant alike.
+
+    Raises ``IDEMPOTENCY_KEY_REUSED`` if the key was used with other parameters."""
     for _ in range(_REPLAY_WAITS):
         record = await idempotency.lookup(account_id, key, "consumeCredits", params)
         if record is None:
@@ -418,6 +421,23 @@ async def record_metered(
             ErrorCode.NO_CARD_ON_FILE,
             "Metered services are invoiced monthly to a card: add a card first.",
         )
+    amount_cents = quantity * price.cents_per_unit
+    account = await Account.get(id=account_id)
+    start, end = month_bounds(sql.now(), account.timezone)
+    rows = await sql.fetch(
+        "SELECT COALESCE(SUM(amount_cents), 0) AS total FROM metered_usage "
+        "WHERE account_id = ? AND created_at >= ? AND created_at < ?",
+        account_id,
+        start,
+        end,
+    )
+    if int(rows[0]["total"]) + amount_cents > ledger.MAX_BALANCE:
+        # The month's invoice must fit the API's Int (invariant 10).
+        raise fail(
+            ErrorCode.BALANCE_LIMIT,
+            "This month's metered usage would pass the largest invoice the service holds.",
+            "quantity",
+        )
     return await MeteredUsage.create(
         id=usage_id,
         account_id=account_id,
@@ -425,7 +445,7 @@ async def record_metered(
         process_type=process_type,
         quantity=quantity,
         unit_cents=price.cents_per_unit,
-        amount_cents=quantity * price.cents_per_unit,
+        amount_cents=amount_cents,
         reference=reference,
         created_at=sql.now(),
     )

@@ -1,9 +1,21 @@
 """Gateway events (Stripe webhooks): stored once by id, then processed by a job.
 
-Processing is idempotent: payment outcomes go through ``purchases.apply_charge_result``
-(a conditional status change), refunds track the refunded amount on the payment, and a
-dispute is keyed by its id, so an event seen twice, or two events telling the same thing,
-move nothing twice.
+Stripe delivers events late, twice, or out of order, so no handler trusts the order or
+drops an event because our state is not there yet:
+
+- every gateway object is matched by its own id (the PaymentIntent id we stored) and checked
+  against what we asked for (``settlement.settle``: amount, currency, customer); metadata
+  only helps find a payment whose id we never learnt, and is checked the same way;
+- a handler applies from the object's *current* state: a refund whose charge succeeded books
+  the success first (``settlement.settle``) and then the refund, whatever came first;
+- an event that still can't apply (its payment unknown, a dispute on a payment not yet
+  paid) is kept: ``processed_at`` stays empty, ``outcome`` is ``pending``, and the sweep
+  applies it once it can; reconciliation reports one still pending after a day;
+- an object that contradicts our payment changes nothing: the event is ``mismatch``, the
+  account flagged, reconciliation reports it.
+
+Processing is idempotent: a payment's status moves by conditional updates, refunds follow
+the refunded *total*, disputes are keyed by their id.
 """
 
 from __future__ import annotations
@@ -12,16 +24,26 @@ import json
 import logging
 import uuid
 from datetime import timedelta
+from enum import StrEnum
 from typing import Any
 
-from billing import cards, ledger, recharge, sql
+from billing import cards, ledger, settlement, sql
 from billing.enums import PaymentKind, PaymentStatus, ProcessType, TransactionType
+from billing.gateways import ChargeResult, ChargeStatus
 from billing.gateways.stripe_gateway import charge_result
 from billing.ledger import Movement
 from billing.models import Account, Card, LedgerEntry, Payment
-from billing.purchases import apply_charge_result
+from billing.settlement import Settled
 
 log = logging.getLogger(__name__)
+
+
+class EventOutcome(StrEnum):
+    APPLIED = "applied"
+    IGNORED = "ignored"  # not ours, or nothing to do
+    PENDING = "pending"  # can't apply yet: kept, and the sweep tries again
+    MISMATCH = "mismatch"  # contradicts our payment: nothing changed, account flagged
+
 
 HANDLED = frozenset(
     {
@@ -32,6 +54,7 @@ HANDLED = frozenset(
         "payment_method.detached",
         "charge.refunded",
         "charge.dispute.created",
+        "charge.dispute.closed",
     }
 )
 
@@ -52,7 +75,8 @@ async def record(source: str, event: dict[str, Any]) -> int | None:
 
 
 async def process(event_id: int) -> bool:
-    """Apply one stored event (caller's transaction). Returns False if already done."""
+    """Apply one stored event (caller's transaction). Returns False if already done or if
+    it is still pending (kept for the sweep)."""
     lock = " FOR UPDATE" if sql.is_postgres(sql.connection()) else ""
     rows = await sql.fetch(
         f"SELECT id, type, payload, processed_at FROM gateway_event WHERE id = ?{lock}", event_id
@@ -62,46 +86,75 @@ async def process(event_id: int) -> bool:
     payload = rows[0]["payload"]
     event = json.loads(payload) if isinstance(payload, str) else payload
     kind = str(event.get("type", ""))
-    obj = event.get("data", {}).get("object", {})
-    if kind in ("payment_intent.succeeded", "payment_intent.payment_failed"):
-        await _payment_intent(obj)
-    elif kind in ("payment_method.updated", "payment_method.automatically_updated"):
-        await _payment_method_updated(obj)
-    elif kind == "payment_method.detached":
-        await _payment_method_detached(obj)
-    elif kind == "charge.refunded":
-        await _charge_refunded(obj)
-    elif kind == "charge.dispute.created":
-        await _dispute_created(obj)
+    data = event.get("data")
+    obj = data.get("object") if isinstance(data, dict) else None
+    if not isinstance(obj, dict):
+        outcome, why = EventOutcome.IGNORED, "the event carries no object"
     else:
-        log.info("ignoring gateway event %s of type %s", event.get("id"), kind)
-    sql.connection()
+        outcome, why = await _dispatch(kind, obj)
+    if outcome is not EventOutcome.APPLIED:
+        log.info("gateway event %s (%s): %s: %s", event.get("id"), kind, outcome.value, why)
     await sql.execute(
-        "UPDATE gateway_event SET processed_at = ?, attempts = attempts + 1 WHERE id = ?",
-        sql.now(),
+        "UPDATE gateway_event SET processed_at = ?, attempts = attempts + 1, outcome = ?, "
+        "last_error = ? WHERE id = ?",
+        None if outcome is EventOutcome.PENDING else sql.now(),
+        outcome.value,
+        (why or None) and why[:500],
         event_id,
     )
-    return True
+    return outcome is not EventOutcome.PENDING
 
 
-async def pending_event_ids(older_than_seconds: int = 0, limit: int = 100) -> list[int]:
-    """Stored events not processed yet (their job was lost, or failed)."""
+Handled = tuple[EventOutcome, str]
+
+
+async def _dispatch(kind: str, obj: dict[str, Any]) -> Handled:
+    if kind in ("payment_intent.succeeded", "payment_intent.payment_failed"):
+        return await _payment_intent(obj)
+    if kind in ("payment_method.updated", "payment_method.automatically_updated"):
+        await _payment_method_updated(obj)
+        return EventOutcome.APPLIED, ""
+    if kind == "payment_method.detached":
+        await _payment_method_detached(obj)
+        return EventOutcome.APPLIED, ""
+    if kind == "charge.refunded":
+        return await _charge_refunded(obj)
+    if kind == "charge.dispute.created":
+        return await _dispute_created(obj)
+    if kind == "charge.dispute.closed":
+        return await _dispute_closed(obj)
+    return EventOutcome.IGNORED, f"type {kind!r} is not handled"
+
+
+async def pending_events(older_than_seconds: int = 0, limit: int = 100) -> list[tuple[int, int]]:
+    """Stored events not processed yet (their job was lost or failed, or they wait for a
+    state they need), with their attempt counts, oldest first."""
     cutoff = sql.now() - timedelta(seconds=older_than_seconds)
     rows = await sql.fetch(
-        "SELECT id FROM gateway_event WHERE processed_at IS NULL AND received_at <= ? "
-        "ORDER BY id LIMIT ?",
+        "SELECT id, attempts FROM gateway_event WHERE processed_at IS NULL AND received_at <= ? "
+        "ORDER BY attempts, id LIMIT ?",
         cutoff,
         limit,
     )
-    return [int(r["id"]) for r in rows]
+    return [(int(r["id"]), int(r["attempts"])) for r in rows]
 
 
-async def _find_payment(intent_id: str | None, metadata: dict[str, Any] | None) -> Payment | None:
+def _str_id(value: Any) -> str | None:
+    if isinstance(value, dict):
+        value = value.get("id")
+    return str(value) if value else None
+
+
+async def _find_payment(intent_id: str | None, metadata: Any) -> Payment | None:
+    """Our payment for a PaymentIntent: by the id we stored; failing that (we never learnt
+    it: a crash between the charge and its answer) by the payment id in its metadata, but
+    only while that payment has no other id (``settlement`` then checks amount, currency
+    and customer before anything moves)."""
     if intent_id:
         payment = await Payment.get_or_none(gateway_payment_id=intent_id)
         if payment is not None:
             return payment
-    raw = (metadata or {}).get("payment_id")
+    raw = metadata.get("payment_id") if isinstance(metadata, dict) else None
     try:
         payment_id = uuid.UUID(str(raw)) if raw else None
     except ValueError:
@@ -109,14 +162,29 @@ async def _find_payment(intent_id: str | None, metadata: dict[str, Any] | None) 
     return await Payment.get_or_none(id=payment_id) if payment_id else None
 
 
-async def _payment_intent(intent: dict[str, Any]) -> None:
-    payment = await _find_payment(intent.get("id"), intent.get("metadata"))
+async def _is_our_customer(customer: Any) -> bool:
+    customer_id = _str_id(customer)
+    return bool(customer_id) and await Account.exists(gateway_customer_id=customer_id)
+
+
+def _settled_outcome(result: Settled, payment: Payment) -> Handled:
+    if result is Settled.MISMATCH:
+        return EventOutcome.MISMATCH, f"does not match payment {payment.id}"
+    return EventOutcome.APPLIED, ""
+
+
+async def _payment_intent(intent: dict[str, Any]) -> Handled:
+    intent_id = _str_id(intent.get("id"))
+    payment = await _find_payment(intent_id, intent.get("metadata"))
     if payment is None:
-        log.info("payment intent %s is not ours", intent.get("id"))
-        return
-    await apply_charge_result(payment.id, charge_result(intent))
-    if payment.kind is PaymentKind.AUTO_RECHARGE:
-        await recharge.settle(payment.id)
+        if await _is_our_customer(intent.get("customer")):
+            return EventOutcome.PENDING, f"no payment of ours for {intent_id} yet"
+        return EventOutcome.IGNORED, f"payment intent {intent_id} is not ours"
+    try:
+        seen = charge_result(intent)
+    except KeyError as exc:
+        return EventOutcome.IGNORED, f"malformed payment intent: no {exc}"
+    return _settled_outcome(await settlement.settle(payment.id, seen), payment)
 
 
 async def _payment_method_updated(pm: dict[str, Any]) -> None:
@@ -179,17 +247,44 @@ async def _take_back(
     return credits - take
 
 
-async def _flag(account_id: str, reason: str) -> None:
-    await Account.filter(id=account_id).update(flag_reason=reason[:500], flagged_at=sql.now())
+async def _paid_payment_for_charge(charge: dict[str, Any]) -> Payment | Handled:
+    """The payment a charge belongs to, booked as succeeded if the charge says it was paid
+    (a refund or dispute may arrive before ``payment_intent.succeeded``)."""
+    intent_id = _str_id(charge.get("payment_intent"))
+    payment = await _find_payment(intent_id, charge.get("metadata"))
+    if payment is None:
+        if await _is_our_customer(charge.get("customer")):
+            return EventOutcome.PENDING, f"no payment of ours for {intent_id} yet"
+        return EventOutcome.IGNORED, f"charge of payment intent {intent_id} is not ours"
+    if payment.status not in (PaymentStatus.SUCCEEDED, PaymentStatus.REFUNDED):
+        if charge.get("status") == "succeeded" or charge.get("paid") is True:
+            seen = ChargeResult(
+                ChargeStatus.SUCCEEDED,
+                intent_id,
+                amount_cents=int(charge["amount"]) if charge.get("amount") is not None else None,
+                currency=str(charge["currency"]).lower() if charge.get("currency") else None,
+                customer_id=_str_id(charge.get("customer")),
+            )
+            if await settlement.settle(payment.id, seen) is Settled.MISMATCH:
+                return EventOutcome.MISMATCH, f"does not match payment {payment.id}"
+            payment = await Payment.get(id=payment.id)
+        else:
+            return EventOutcome.PENDING, f"payment {payment.id} is not paid yet"
+    elif intent_id and payment.gateway_payment_id and intent_id != payment.gateway_payment_id:
+        reason = f"names payment intent {intent_id}, ours is {payment.gateway_payment_id}"
+        await settlement.flag(payment.account_id, f"{settlement.MISMATCH_FLAG} a charge {reason}")
+        return EventOutcome.MISMATCH, reason
+    return payment
 
 
-async def _charge_refunded(charge: dict[str, Any]) -> None:
-    payment = await _find_payment(charge.get("payment_intent"), charge.get("metadata"))
-    if payment is None or payment.status not in (PaymentStatus.SUCCEEDED, PaymentStatus.REFUNDED):
-        return
+async def _charge_refunded(charge: dict[str, Any]) -> Handled:
+    found = await _paid_payment_for_charge(charge)
+    if not isinstance(found, Payment):
+        return found
+    payment = found
     refunded_total = min(int(charge.get("amount_refunded") or 0), payment.amount_cents)
     if refunded_total <= payment.refunded_cents:
-        return  # an older or repeated notice
+        return EventOutcome.IGNORED, "an older or repeated notice"
     # Credits follow the refunded share of the payment, computed on totals so that
     # several partial refunds never drift from one full refund.
     credits = (
@@ -211,20 +306,39 @@ async def _charge_refunded(charge: dict[str, Any]) -> None:
         refunded_cents=refunded_total, status=status, updated_at=sql.now()
     )
     if shortfall:
-        await _flag(
+        await settlement.flag(
             payment.account_id,
             f"Refund exceeded the balance by {shortfall} credits (payment {payment.id})",
         )
+    return EventOutcome.APPLIED, ""
 
 
-async def _dispute_created(dispute: dict[str, Any]) -> None:
-    payment = await _find_payment(dispute.get("payment_intent"), dispute.get("metadata"))
+def _dispute_reference(dispute: dict[str, Any]) -> str:
+    return f"dispute:{dispute.get('id')}"
+
+
+async def _dispute_payment(dispute: dict[str, Any]) -> Payment | Handled:
+    intent_id = _str_id(dispute.get("payment_intent"))
+    payment = await _find_payment(intent_id, dispute.get("metadata"))
     if payment is None:
-        return
-    reference = f"dispute:{dispute.get('id')}"
+        return EventOutcome.IGNORED, f"dispute of payment intent {intent_id} is not ours"
+    if payment.status not in (PaymentStatus.SUCCEEDED, PaymentStatus.REFUNDED):
+        # A dispute is of a paid charge: wait for the success to be booked (the sweep
+        # re-reads the PaymentIntent), then take the credits.
+        return EventOutcome.PENDING, f"payment {payment.id} is not paid yet"
+    return payment
+
+
+async def _dispute_created(dispute: dict[str, Any]) -> Handled:
+    found = await _dispute_payment(dispute)
+    if not isinstance(found, Payment):
+        return found
+    payment = found
+    reference = _dispute_reference(dispute)
     if await LedgerEntry.exists(account_id=payment.account_id, reference=reference):
-        return
-    amount = min(int(dispute.get("amount") or payment.amount_cents), payment.amount_cents)
+        return EventOutcome.IGNORED, "dispute already booked"
+    open_cents = payment.amount_cents - payment.refunded_cents
+    amount = min(int(dispute.get("amount") or open_cents), open_cents)
     credits = payment.credits * amount // payment.amount_cents
     await ledger.lock_account(payment.account_id)
     balance = await ledger.balance_of(payment.account_id)
@@ -241,4 +355,37 @@ async def _dispute_created(dispute: dict[str, Any]) -> None:
                 payment_id=payment.id,
             )
         )
-    await _flag(payment.account_id, f"Card payment {payment.id} disputed ({dispute.get('id')})")
+    await settlement.flag(
+        payment.account_id, f"Card payment {payment.id} disputed ({dispute.get('id')})"
+    )
+    return EventOutcome.APPLIED, ""
+
+
+async def _dispute_closed(dispute: dict[str, Any]) -> Handled:
+    """A dispute won gives back what its opening took; lost (or anything else) keeps it."""
+    if dispute.get("status") != "won":
+        return EventOutcome.IGNORED, f"dispute closed as {dispute.get('status')}"
+    found = await _dispute_payment(dispute)
+    if not isinstance(found, Payment):
+        return found
+    payment = found
+    reference = _dispute_reference(dispute)
+    taken = await LedgerEntry.filter(account_id=payment.account_id, reference=reference).first()
+    if taken is None:
+        return EventOutcome.PENDING, "the dispute's opening is not booked yet"
+    won = f"{reference}:won"
+    if await LedgerEntry.exists(account_id=payment.account_id, reference=won):
+        return EventOutcome.IGNORED, "dispute win already booked"
+    await ledger.lock_account(payment.account_id)
+    await ledger.post(
+        Movement(
+            account_id=payment.account_id,
+            credits=-taken.credits,
+            type=TransactionType.ADJUSTMENT,
+            process_type=_credit_entry_kind(payment),
+            description="Card payment dispute won: credits returned",
+            reference=won,
+            payment_id=payment.id,
+        )
+    )
+    return EventOutcome.APPLIED, ""

@@ -33,7 +33,7 @@ from starlette.applications import Starlette
 from tortoise.transactions import in_transaction
 
 from api.auth import issue_token
-from billing import clock, recharge, reconcile, sql, usage
+from billing import clock, recharge, reconcile, settlement, sql, usage
 from billing.enums import ProcessType, Role
 from billing.gateways import ChargeRequest, ChargeResult, GatewayUnavailable
 from billing.gateways.stripe_gateway import StripeGateway
@@ -721,17 +721,17 @@ async def test_worker_killed_mid_recharge_charges_once(
         assert await job({**queue.ctx, "gateway": unanswered}, admin.account_id) == "pending"
     else:
         ctx = queue.ctx
-        apply = recharge.apply_charge_result
+        apply = settlement.settle
         if when == "writing-the-outcome":
             entered = asyncio.Event()
 
-            async def dies_while_writing(payment_id: Any, result: ChargeResult) -> bool:
+            async def dies_while_writing(payment_id: Any, result: ChargeResult) -> Any:
                 await apply(payment_id, result)
                 entered.set()
                 await asyncio.Event().wait()  # inside the outcome's transaction
-                return False
+                return None
 
-            monkeypatch.setattr(recharge, "apply_charge_result", dies_while_writing)
+            monkeypatch.setattr(settlement, "settle", dies_while_writing)
         else:
             stalled = Stalled(gateway, charged=when == "after-the-bank-charged")
             ctx = {**queue.ctx, "gateway": stalled}
@@ -741,7 +741,7 @@ async def test_worker_killed_mid_recharge_charges_once(
         worker.cancel()  # the worker process is killed
         with contextlib.suppress(asyncio.CancelledError):
             await worker
-        monkeypatch.setattr(recharge, "apply_charge_result", apply)
+        monkeypatch.setattr(settlement, "settle", apply)
 
     [payment] = await Payment.filter(account_id=admin.account_id, kind="AUTO_RECHARGE")
     assert payment.status.value == "PENDING"

@@ -23,8 +23,8 @@ from billing.enums import InvoiceStatus, PaymentKind, PaymentStatus, Role
 from billing.gateways import ChargeRequest, ChargeResult, ChargeStatus, GatewayUnavailable
 from billing.models import Account, Invoice, InvoiceLine, LedgerEntry, Notification, Payment
 from billing.pricing import load_price_book
-from billing.purchases import apply_charge_result
 from billing.settings import Settings
+from billing.settlement import Settled, settle
 from tests.conftest import Caller, MakeCaller
 from tests.invariants import assert_ledger_consistent
 from tests.ops import METERED, REMOVE_CARD, add_card, key
@@ -198,10 +198,10 @@ async def test_a_month_of_usage_becomes_one_invoice_charged_once(
     # The same success seen again (a Stripe webhook, the sweep) changes nothing.
     assert payments[0].gateway_payment_id is not None
     async with in_transaction():
-        again = await apply_charge_result(
+        again = await settle(
             payments[0].id, ChargeResult(ChargeStatus.SUCCEEDED, payments[0].gateway_payment_id)
         )
-    assert again is False
+    assert again is Settled.UNCHANGED
     assert len(await notices(admin.account_id, "INVOICE_PAID")) == 1
     assert (await Invoice.get(id=invoice.id)).paid_at == invoice.paid_at
     assert gateway.charge_count == charges + 1
@@ -469,7 +469,10 @@ async def test_an_account_in_another_time_zone_gets_its_own_calendar_month(
     assert (closed.period_start, closed.period_end) == period
     assert period[0] - first in (timedelta(hours=5), timedelta(hours=6))
     assert [(p, q) for p, q, _ in await lines_of(closed)] == [(CARDS, 4), (AUDIO, 2)]
-    assert [i.status for i in await invoices_of(admin.account_id)] == [InvoiceStatus.PAID] * 2
+    # The earlier month's 25 cents are under the minimum charge: carried into this one.
+    statuses = [(i.status, i.carried_in_cents) for i in await invoices_of(admin.account_id)]
+    assert statuses == [(InvoiceStatus.CARRIED_FORWARD, 0), (InvoiceStatus.PAID, 25)]
+    assert closed.amount_cents == 25 + sum(cents for _, _, cents in await lines_of(closed))
 
     data = await admin.gql(INVOICES)
     shown = data["creditAccount"]["invoices"]
@@ -506,7 +509,7 @@ async def test_a_month_closes_a_few_minutes_after_it_ends(
     await add_card(admin, "pm_card_visa")
     start = a_month()
     end = next_month(start)
-    await use(service, AUDIO, 1, end - timedelta(seconds=30))
+    await use(service, AUDIO, 2, end - timedelta(seconds=30))  # 50 cents: the minimum charge
     with clock.travel(end + invoices.MONTH_CLOSE_GRACE - timedelta(minutes=1)):
         assert await jobs.close_month_end() == 0
     assert await invoices_of(admin.account_id) == []

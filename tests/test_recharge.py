@@ -132,7 +132,20 @@ async def test_monthly_limit_caps_auto_recharges(
         await spend(service)
     await queue.drain()
     assert [e.credits for e in await recharges(admin.account_id)] == [100]
-    assert await queue.functions["threshold_recharge"](queue.ctx, admin.account_id) == "capped"
+    # The capped crossing is closed: asking again finds nothing to serve...
+    assert await queue.functions["threshold_recharge"](queue.ctx, admin.account_id) == (
+        "not_needed"
+    )
+    # ...and saving the setting again (a new crossing, below the threshold) is capped too.
+    await enable(
+        admin,
+        trigger="THRESHOLD",
+        thresholdCredits=100,
+        rechargeCredits=100,
+        monthlyLimitCredits=150,
+    )
+    await queue.drain()
+    assert [e.credits for e in await recharges(admin.account_id)] == [100]
 
 
 async def test_pinned_secondary_card_is_charged(admin: Caller, queue: InProcessQueue) -> None:

@@ -96,7 +96,7 @@ async def sweep(ctx: JobContext) -> dict[str, int]:
         await ctx["queue"].enqueue(
             "threshold_recharge", account_id, job_id=f"recharge:{account_id}:{seq}"
         )
-    stuck = await recharge.stuck_payments()
+    stuck = await recharge.stuck_payments() + await recharge.payments_to_recheck()
     healed = 0
     for payment_id in stuck:
         try:
@@ -106,10 +106,11 @@ async def sweep(ctx: JobContext) -> dict[str, int]:
             healed += 1
         except Exception:
             log.exception("could not settle stuck payment %s", payment_id)
-    events = await webhooks.pending_event_ids(older_than_seconds=60)
-    for event_id in events:
+    events = await webhooks.pending_events(older_than_seconds=60)
+    for event_id, attempts in events:
+        # A new job id per attempt: a kept (pending) event is tried again, not deduped.
         await ctx["queue"].enqueue(
-            "process_gateway_event", event_id, job_id=f"gateway-event-{event_id}"
+            "process_gateway_event", event_id, job_id=f"gateway-event-{event_id}-{attempts}"
         )
     return {"below_threshold": len(below), "stuck_payments": healed, "events": len(events)}
 

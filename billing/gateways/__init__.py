@@ -34,10 +34,54 @@ class CardDetails:
 
 
 class ChargeStatus(StrEnum):
+    """Our view of a gateway payment (Stripe's PaymentIntent).
+
+    Only ``SUCCEEDED`` is final here. ``FAILED`` covers Stripe's ``requires_payment_method``
+    (the customer may still retry the same PaymentIntent and succeed) as well as
+    ``canceled`` (which never succeeds); ``REQUIRES_ACTION`` and ``PROCESSING`` are waits.
+    So a payment we booked as FAILED that the gateway later reports as succeeded is booked
+    as succeeded, once (``billing.settlement``)."""
+
     SUCCEEDED = "succeeded"
     REQUIRES_ACTION = "requires_action"
     FAILED = "failed"
     PROCESSING = "processing"
+
+
+#: Stripe's minimum charge amounts, in the currency's smallest unit
+#: (https://docs.stripe.com/currencies#minimum-and-maximum-charge-amounts). A charge under
+#: the minimum is refused by Stripe (``amount_too_small``), so it is never sent.
+MINIMUM_CHARGE_CENTS: dict[str, int] = {
+    "usd": 50,
+    "aed": 200,
+    "aud": 50,
+    "bgn": 100,
+    "brl": 50,
+    "cad": 50,
+    "chf": 50,
+    "czk": 1500,
+    "dkk": 250,
+    "eur": 50,
+    "gbp": 30,
+    "hkd": 400,
+    "huf": 17500,
+    "inr": 50,
+    "jpy": 50,
+    "mxn": 1000,
+    "myr": 200,
+    "nok": 300,
+    "nzd": 50,
+    "pln": 200,
+    "ron": 200,
+    "sek": 300,
+    "sgd": 50,
+}
+DEFAULT_MINIMUM_CHARGE_CENTS = 50
+
+
+def minimum_charge_cents(currency: str) -> int:
+    """The smallest amount (cents, or the currency's smallest unit) a gateway will charge."""
+    return MINIMUM_CHARGE_CENTS.get(currency.lower(), DEFAULT_MINIMUM_CHARGE_CENTS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,12 +98,20 @@ class ChargeRequest:
 
 @dataclass(frozen=True, slots=True)
 class ChargeResult:
+    """A gateway payment as the gateway has it now (an API answer or a webhook's object).
+
+    ``amount_cents``, ``currency`` and ``customer_id`` are what the gateway says it charged
+    (``None``: not told); settlement checks them against what we asked for."""
+
     status: ChargeStatus
     gateway_payment_id: str | None
     client_secret: str | None = None
     failure_code: str | None = None
     decline_code: str | None = None
     failure_message: str | None = None
+    amount_cents: int | None = None
+    currency: str | None = None
+    customer_id: str | None = None
 
 
 class CardRejected(Exception):
@@ -78,6 +130,20 @@ class CardRejected(Exception):
         self.code = code
         self.decline_code = decline_code
         self.unknown = unknown
+
+
+class AmountBelowMinimum(ValueError):
+    """A charge under the gateway's minimum for its currency: never sent (a bug upstream)."""
+
+
+def check_minimum(request: ChargeRequest) -> None:
+    """Raise ``AmountBelowMinimum`` for a charge the gateway would refuse as too small."""
+    minimum = minimum_charge_cents(request.currency)
+    if request.amount_cents < minimum:
+        raise AmountBelowMinimum(
+            f"{request.amount_cents} is under the minimum charge of {minimum} "
+            f"{request.currency.upper()} cents"
+        )
 
 
 class GatewayUnavailable(Exception):

@@ -17,6 +17,7 @@ from billing.gateways import (
     ChargeRequest,
     ChargeResult,
     ChargeStatus,
+    check_minimum,
 )
 
 
@@ -64,14 +65,54 @@ def _kind_of(payment_method_id: str) -> str | None:
     return kind if kind in TEST_CARDS else None
 
 
+@dataclass(slots=True)
+class _Intent:
+    """A sandbox PaymentIntent, following Stripe's states: ``requires_action`` (3-D
+    Secure) -> ``succeeded``, or -> ``requires_payment_method`` when authentication fails,
+    from which the customer may retry the same intent."""
+
+    id: str
+    request: ChargeRequest
+    card: _TestCard | None
+    status: str
+    client_secret: str
+    failure_code: str | None = None
+    decline_code: str | None = None
+    failure_message: str | None = None
+
+    def result(self) -> ChargeResult:
+        seen = {
+            "amount_cents": self.request.amount_cents,
+            "currency": self.request.currency.lower(),
+            "customer_id": self.request.customer_id or None,
+        }
+        if self.status == "succeeded":
+            return ChargeResult(ChargeStatus.SUCCEEDED, self.id, **seen)  # type: ignore[arg-type]
+        if self.status == "requires_action":
+            return ChargeResult(
+                ChargeStatus.REQUIRES_ACTION,
+                self.id,
+                client_secret=self.client_secret,
+                **seen,  # type: ignore[arg-type]
+            )
+        return ChargeResult(
+            ChargeStatus.FAILED,
+            self.id,
+            failure_code=self.failure_code,
+            decline_code=self.decline_code,
+            failure_message=self.failure_message,
+            **seen,  # type: ignore[arg-type]
+        )
+
+
 class SandboxGateway:
     """In-process stand-in for Stripe's test mode, for development and tests."""
 
     name = "sandbox"
 
     def __init__(self) -> None:
-        self._charges: dict[str, ChargeResult] = {}
-        self._by_id: dict[str, ChargeResult] = {}
+        self._by_key: dict[str, _Intent] = {}
+        self._by_id: dict[str, _Intent] = {}
         self.charge_count = 0
 
     async def ensure_customer(self, account_id: str, existing_customer_id: str | None) -> str:
@@ -117,65 +158,79 @@ class SandboxGateway:
         return None
 
     async def charge(self, request: ChargeRequest) -> ChargeResult:
-        previous = self._charges.get(request.idempotency_key)
+        check_minimum(request)
+        previous = self._by_key.get(request.idempotency_key)
         if previous is not None:
-            return previous
+            return previous.result()
         self.charge_count += 1
         kind = _kind_of(request.payment_method_id)
         card = TEST_CARDS[kind] if kind else None
         intent_id = f"pi_sbx_{secrets.token_hex(10)}"
+        intent = _Intent(
+            intent_id,
+            request,
+            card,
+            status="requires_payment_method",
+            client_secret=f"{intent_id}_secret_{secrets.token_hex(8)}",
+        )
+        self._confirm(intent)
+        self._by_key[request.idempotency_key] = intent
+        self._by_id[intent_id] = intent
+        return intent.result()
+
+    def _confirm(self, intent: _Intent) -> None:
+        card, request = intent.card, intent.request
+        intent.failure_code = intent.decline_code = intent.failure_message = None
         if card is None:
-            result = ChargeResult(
-                ChargeStatus.FAILED,
-                intent_id,
-                failure_code="resource_missing",
-                failure_message="No such PaymentMethod.",
-            )
+            intent.status = "requires_payment_method"
+            intent.failure_code = "resource_missing"
+            intent.failure_message = "No such PaymentMethod."
         elif card.charge_decline:
-            result = ChargeResult(
-                ChargeStatus.FAILED,
-                intent_id,
-                failure_code="card_declined",
-                decline_code=card.charge_decline,
-                failure_message=DECLINE_MESSAGES[card.charge_decline],
-            )
+            intent.status = "requires_payment_method"
+            intent.failure_code = "card_declined"
+            intent.decline_code = card.charge_decline
+            intent.failure_message = DECLINE_MESSAGES[card.charge_decline]
         elif card.needs_3ds and request.off_session:
-            result = ChargeResult(
-                ChargeStatus.FAILED,
-                intent_id,
-                failure_code="authentication_required",
-                decline_code="authentication_required",
-                failure_message=DECLINE_MESSAGES["authentication_required"],
-            )
+            intent.status = "requires_payment_method"
+            intent.failure_code = "authentication_required"
+            intent.decline_code = "authentication_required"
+            intent.failure_message = DECLINE_MESSAGES["authentication_required"]
         elif card.needs_3ds:
-            result = ChargeResult(
-                ChargeStatus.REQUIRES_ACTION,
-                intent_id,
-                client_secret=f"{intent_id}_secret_{secrets.token_hex(8)}",
-            )
+            intent.status = "requires_action"
         else:
-            result = ChargeResult(ChargeStatus.SUCCEEDED, intent_id)
-        self._charges[request.idempotency_key] = result
-        self._by_id[intent_id] = result
-        return result
+            intent.status = "succeeded"
 
     async def retrieve_charge(self, gateway_payment_id: str) -> ChargeResult:
-        result = self._by_id.get(gateway_payment_id)
-        if result is None:
+        intent = self._by_id.get(gateway_payment_id)
+        if intent is None:
             return ChargeResult(
                 ChargeStatus.FAILED,
                 gateway_payment_id,
                 failure_code="resource_missing",
                 failure_message="No such PaymentIntent.",
             )
-        return result
+        return intent.result()
 
-    def complete_authentication(self, gateway_payment_id: str) -> None:
-        """Play the customer finishing 3-D Secure in the browser (Stripe.js in production)."""
-        result = self._by_id[gateway_payment_id]
-        if result.status is ChargeStatus.REQUIRES_ACTION:
-            done = ChargeResult(ChargeStatus.SUCCEEDED, gateway_payment_id)
-            self._by_id[gateway_payment_id] = done
-            for key, value in list(self._charges.items()):
-                if value.gateway_payment_id == gateway_payment_id:
-                    self._charges[key] = done
+    def complete_authentication(self, gateway_payment_id: str, *, success: bool = True) -> bool:
+        """Play the customer answering the 3-D Secure challenge (Stripe.js in production).
+
+        A failed challenge leaves the intent in ``requires_payment_method``, as at Stripe:
+        not final, the customer may ``retry`` it. Returns False if no challenge was open."""
+        intent = self._by_id.get(gateway_payment_id)
+        if intent is None or intent.status != "requires_action":
+            return False
+        if success:
+            intent.status = "succeeded"
+        else:
+            intent.status = "requires_payment_method"
+            intent.failure_code = "payment_intent_authentication_failure"
+            intent.failure_message = "The provided PaymentMethod has failed authentication."
+        return True
+
+    def retry(self, gateway_payment_id: str) -> bool:
+        """Play the customer confirming a failed intent again (same PaymentIntent)."""
+        intent = self._by_id.get(gateway_payment_id)
+        if intent is None or intent.status != "requires_payment_method":
+            return False
+        self._confirm(intent)
+        return True

@@ -22,6 +22,7 @@ from billing.gateways import (
     ChargeResult,
     ChargeStatus,
     GatewayUnavailable,
+    check_minimum,
 )
 
 log = logging.getLogger(__name__)
@@ -63,14 +64,22 @@ def _card_details(pm: dict[str, Any]) -> CardDetails:
 def charge_result(intent: dict[str, Any]) -> ChargeResult:
     """Our view of a PaymentIntent (as a plain dict: an API answer or a webhook's object)."""
     status = intent["status"]
+    seen: dict[str, Any] = {
+        "amount_cents": _int_or_none(intent.get("amount")),
+        "currency": str(intent["currency"]).lower() if intent.get("currency") else None,
+        "customer_id": _id_of(intent.get("customer")),
+    }
     if status == "succeeded":
-        return ChargeResult(ChargeStatus.SUCCEEDED, intent["id"])
+        return ChargeResult(ChargeStatus.SUCCEEDED, intent["id"], **seen)
     if status in ("requires_action", "requires_source_action", "requires_confirmation"):
         return ChargeResult(
-            ChargeStatus.REQUIRES_ACTION, intent["id"], client_secret=intent.get("client_secret")
+            ChargeStatus.REQUIRES_ACTION,
+            intent["id"],
+            client_secret=intent.get("client_secret"),
+            **seen,
         )
     if status == "processing":
-        return ChargeResult(ChargeStatus.PROCESSING, intent["id"])
+        return ChargeResult(ChargeStatus.PROCESSING, intent["id"], **seen)
     error = intent.get("last_payment_error") or {}
     return ChargeResult(
         ChargeStatus.FAILED,
@@ -78,7 +87,22 @@ def charge_result(intent: dict[str, Any]) -> ChargeResult:
         failure_code=error.get("code") or ("canceled" if status == "canceled" else "card_declined"),
         decline_code=error.get("decline_code"),
         failure_message=error.get("message") or "The card was declined.",
+        **seen,
     )
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return None if value is None else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _id_of(value: Any) -> str | None:
+    """A Stripe reference: an id string, or an expanded object with an ``id``."""
+    if isinstance(value, dict):
+        value = value.get("id")
+    return str(value) if value else None
 
 
 class StripeGateway:
@@ -200,6 +224,7 @@ class StripeGateway:
             raise GatewayUnavailable(str(exc)) from exc
 
     async def charge(self, request: ChargeRequest) -> ChargeResult:
+        check_minimum(request)
         params: dict[str, Any] = {
             "amount": request.amount_cents,
             "currency": request.currency,
@@ -259,10 +284,13 @@ class StripeGateway:
         return charge_result(intent.to_dict())
 
     async def retrieve_intent(self, gateway_payment_id: str) -> dict[str, Any] | None:
-        """The PaymentIntent as Stripe has it (``None`` if Stripe doesn't know the id), for
-        reconciliation: status, amount, currency."""
+        """The PaymentIntent as Stripe has it, its ``latest_charge`` expanded (``None`` if
+        Stripe doesn't know the id), for reconciliation: status, amount, currency,
+        customer, refunded amount."""
         try:
-            intent = await self.client.v1.payment_intents.retrieve_async(gateway_payment_id)
+            intent = await self.client.v1.payment_intents.retrieve_async(
+                gateway_payment_id, params={"expand": ["latest_charge"]}
+            )
         except stripe.InvalidRequestError as exc:
             if exc.http_status == 404:
                 return None
