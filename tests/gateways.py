@@ -107,6 +107,10 @@ class GatewayHarness(Protocol):
 
     async def complete_3ds(self, gateway_payment_id: str, client_secret: str) -> None: ...
 
+    async def fail_3ds(self, gateway_payment_id: str, client_secret: str) -> None: ...
+
+    async def retry(self, gateway_payment_id: str, payment_method_id: str) -> None: ...
+
 
 class SandboxHarness:
     name = "sandbox"
@@ -118,7 +122,14 @@ class SandboxHarness:
         return value
 
     async def complete_3ds(self, gateway_payment_id: str, client_secret: str) -> None:
-        self.gateway.complete_authentication(gateway_payment_id)
+        assert self.gateway.complete_authentication(gateway_payment_id)
+
+    async def fail_3ds(self, gateway_payment_id: str, client_secret: str) -> None:
+        assert self.gateway.complete_authentication(gateway_payment_id, success=False)
+
+    async def retry(self, gateway_payment_id: str, payment_method_id: str) -> None:
+        """The customer confirms the same PaymentIntent again (after a failed challenge)."""
+        assert self.gateway.retry(gateway_payment_id)
 
 
 class StripeHarness:
@@ -164,6 +175,23 @@ class StripeHarness:
             data={"client_secret": client_secret, "success": "true"},
         )
         response.raise_for_status()
+
+    async def fail_3ds(self, gateway_payment_id: str, client_secret: str) -> None:
+        response = await self.http.post(
+            f"/v1/payment_intents/{gateway_payment_id}/_authenticate",
+            data={"client_secret": client_secret, "success": "false"},
+        )
+        response.raise_for_status()
+
+    async def retry(self, gateway_payment_id: str, payment_method_id: str) -> None:
+        """The customer confirms the same PaymentIntent again with the card (Stripe.js)."""
+        updated = await self.http.post(
+            f"/v1/payment_intents/{gateway_payment_id}",
+            data={"payment_method": payment_method_id},
+        )
+        updated.raise_for_status()
+        confirmed = await self.http.post(f"/v1/payment_intents/{gateway_payment_id}/confirm")
+        confirmed.raise_for_status()
 
 
 def signed(payload: dict[str, Any], secret: str, timestamp: int | None = None) -> tuple[str, str]:
