@@ -486,9 +486,16 @@ class Invoice:
     def status(self) -> InvoiceStatus:
         return self.model.status
 
-    @strawberry.field
+    @strawberry.field(description="What is charged: this month's usage plus any amount carried in.")
     def amount_cents(self) -> int:
         return self.model.amount_cents
+
+    @strawberry.field(
+        description="Cents of earlier months carried into this invoice, each under the "
+        "payment gateway's minimum charge (those invoices are CARRIED_FORWARD)."
+    )
+    def carried_in_cents(self) -> int:
+        return int(self.model.carried_in_cents)
 
     @strawberry.field
     def currency(self) -> str:

@@ -105,7 +105,21 @@ def parse_price_book(data: dict[str, Any]) -> PriceBook:
     )
     if book.min_purchase_credits > book.max_purchase_credits:
         raise ValueError("price book: min_purchase_credits is above max_purchase_credits")
+    if book.amount_cents(book.max_purchase_credits) > INT_MAX:
+        # Every amount the API serves fits GraphQL's Int (DESIGN.md invariant 10).
+        raise ValueError(
+            "price book: max_purchase_credits x cents_per_credit passes 2,147,483,647 cents"
+        )
+    for price in book.processes:
+        per_unit = price.credits_per_unit or price.cents_per_unit or 0
+        if per_unit * MAX_UNITS_PER_CALL > INT_MAX:
+            raise ValueError(f"price book: {price.process_type.value} costs too much per unit")
     return book
+
+
+INT_MAX = 2**31 - 1
+#: The most units one consumeCredits / recordMeteredUsage call takes (DESIGN.md section 3).
+MAX_UNITS_PER_CALL = 10_000
 
 
 @lru_cache(maxsize=8)

@@ -26,7 +26,12 @@ from billing.enums import (
     PaymentKind,
     PaymentStatus,
 )
-from billing.gateways import ChargeRequest, GatewayUnavailable, PaymentGateway
+from billing.gateways import (
+    ChargeRequest,
+    GatewayUnavailable,
+    PaymentGateway,
+    minimum_charge_cents,
+)
 from billing.models import Account, AutoRechargeSetting, Card, Payment
 from billing.pricing import PriceBook
 from billing.purchases import gateway_key
@@ -137,6 +142,14 @@ async def _start(
     card = await _card_for(setting)
     if card is None:
         notice = await _pause(setting, "No card on file: add a card to resume auto-recharge.")
+        return RechargeResult(Outcome.PAUSED, notification_ids=notice), None, None, None
+    if book.amount_cents(credits) < minimum_charge_cents(book.currency):
+        # Saved before a price change made it too small: never sent under the minimum.
+        notice = await _pause(
+            setting,
+            f"{credits:,} credits now cost less than the card payment minimum: raise the "
+            "recharge amount to resume auto-recharge.",
+        )
         return RechargeResult(Outcome.PAUSED, notification_ids=notice), None, None, None
     if trigger is AutoRechargeTrigger.THRESHOLD:
         key = f"threshold:{account_id}:{account.recharge_seq}"

@@ -597,3 +597,39 @@ async def test_invoices_list_is_newest_first_and_at_most_24(admin: Caller, servi
             )
     shown = (await admin.gql(INVOICES))["creditAccount"]["invoices"]
     assert [wire_time(i["periodStart"]) for i in shown] == sorted(starts, reverse=True)[:24]
+
+
+async def test_an_invoice_under_the_minimum_charge_is_carried_into_the_next(
+    admin: Caller, service: Caller, jobs: Jobs, gateway: Any
+) -> None:
+    """Thirty cents are never sent to the gateway (Stripe refuses under 50): the month is
+    CARRIED_FORWARD, not failed, and next month's invoice charges both."""
+    await add_card(admin, "pm_card_visa")
+    first = a_month()
+    second = next_month(first)
+    third = next_month(second)
+    await use(service, CARDS, 3, first + timedelta(days=3))  # 30 cents
+    charges = gateway.charge_count
+    with clock.travel(second + timedelta(hours=1)):
+        await jobs.close_month_end()
+    [carried] = await invoices_of(admin.account_id)
+    assert (carried.status, carried.amount_cents) == (InvoiceStatus.CARRIED_FORWARD, 30)
+    assert gateway.charge_count == charges
+    assert await Payment.filter(account_id=admin.account_id).count() == 0
+    assert await notices(admin.account_id, "INVOICE_FAILED") == []
+    shown = (await admin.gql(INVOICES))["creditAccount"]["invoices"]
+    assert [i["status"] for i in shown] == ["CARRIED_FORWARD"]
+
+    await use(service, CARDS, 3, second + timedelta(days=3))  # 30 more: 60 with the carry
+    with clock.travel(third + timedelta(hours=1)):
+        await jobs.close_month_end()
+    latest = (await invoices_of(admin.account_id))[-1]
+    assert (latest.status, latest.amount_cents, latest.carried_in_cents) == (
+        InvoiceStatus.PAID,
+        60,
+        30,
+    )
+    assert (await Invoice.get(id=carried.id)).carried_into_id == latest.id
+    [payment] = await Payment.filter(account_id=admin.account_id)
+    assert payment.amount_cents == 60 and payment.status is PaymentStatus.SUCCEEDED
+    assert gateway.charge_count == charges + 1

@@ -603,3 +603,56 @@ async def test_one_key_in_single_spends_and_batches_at_once(
                 answers += codes(payload)
     assert answers == ["INSUFFICIENT_CREDITS"] * 360
     assert await LedgerEntry.filter(account_id=service.account_id).count() == 0
+
+
+def _book(tmp_path: Path, name: str, **values: int) -> Any:
+    text = Path("billing/pricebook.toml").read_text()
+    for field_name, value in values.items():
+        lines = [
+            f"{field_name} = {value}" if line.startswith(f"{field_name} =") else line
+            for line in text.splitlines()
+        ]
+        text = "\n".join(lines) + "\n"
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text)
+    return load_price_book(path)
+
+
+async def test_a_saved_recharge_under_a_new_minimum_pauses_instead_of_charging(
+    admin: Caller, staff: Caller, gateway: Any, tmp_path: Path
+) -> None:
+    from billing import recharge
+
+    saved_with = _book(tmp_path, "then", min_purchase_credits=10)  # 10 credits = 100 cents
+    await add_card(admin, "pm_card_visa")
+    async with in_transaction():
+        await autorecharge.update_auto_recharge(
+            saved_with,
+            admin.account_id,
+            autorecharge.AutoRechargeInput(
+                enabled=True,
+                trigger=AutoRechargeTrigger.THRESHOLD,
+                threshold_credits=50,
+                recharge_credits=10,
+            ),
+        )
+    now = _book(tmp_path, "now", min_purchase_credits=10, cents_per_credit=1)  # 10 cents
+    charges = gateway.charge_count
+    result = await recharge.run(gateway, now, admin.account_id, AutoRechargeTrigger.THRESHOLD)
+    assert result.outcome.value == "paused" and gateway.charge_count == charges
+    setting = await autorecharge.get_setting(admin.account_id)
+    assert setting.paused_reason and "minimum" in setting.paused_reason
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"max_purchase_credits": 300_000_000}, "passes 2,147,483,647"),
+        ({"credits_per_unit": 300_000}, "costs too much per unit"),
+    ],
+)
+def test_a_price_book_whose_amounts_pass_int_is_refused(
+    tmp_path: Path, values: dict[str, int], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        _book(tmp_path, "big", **values)
