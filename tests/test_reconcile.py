@@ -384,3 +384,122 @@ async def test_the_whole_test_database_reconciles(
     assert report.accounts > 1 and report.entries > 0 and report.card_payments > 0
     command = run_command(settings, "--no-stripe")
     assert command.returncode == 0, command.stdout + command.stderr
+
+
+# ---------------------------------------------------------------- issue 10's kinds
+
+
+async def test_stripe_kinds_of_discrepancy_are_reported(
+    admin: Caller, staff: Caller, service: Caller, queue: InProcessQueue, harness: GatewayHarness
+) -> None:
+    """A payment FAILED here that succeeded at Stripe, a customer that differs, a refund at
+    Stripe without its REFUND entry: each is a ``stripe`` line."""
+    if harness.name != "stripe":
+        pytest.skip("the Stripe check needs the Stripe gateway (localstripe)")
+    stripe = harness.gateway
+    await activity(admin, staff, service, queue)
+    await add_card(admin, "pm_card_authenticationRequired", primary=True)
+    waiting = await buy(admin, 150)
+    row = await Payment.get(account_id=admin.account_id, status=PaymentStatus.REQUIRES_ACTION)
+    assert row.gateway_payment_id
+    await harness.complete_3ds(row.gateway_payment_id, waiting["payment"]["clientSecret"])
+
+    async def failed_here() -> None:
+        await Payment.filter(id=row.id).update(status=PaymentStatus.FAILED)
+
+    report = await planted(failed_here, [admin.account_id], stripe)
+    assert checks(report) == ["stripe"], lines(report)
+    assert "FAILED here but Stripe says succeeded" in report.discrepancies[0].detail
+
+    async def another_customer() -> None:
+        await Account.filter(id=admin.account_id).update(gateway_customer_id="cus_someone")
+
+    report = await planted(another_customer, [admin.account_id], stripe)
+    assert checks(report) and set(checks(report)) == {"stripe"}, lines(report)
+    assert all("cus_someone here" in d.detail for d in report.discrepancies), lines(report)
+
+    # The 3-D Secure payment is finished here too (as the page's confirm would).
+    confirmed = await admin.gql(
+        "mutation($id: ID!) { confirmPurchase(input: {paymentId: $id}) { payment { status } } }",
+        {"id": waiting["payment"]["id"]},
+    )
+    assert confirmed["confirmPurchase"]["payment"]["status"] == "SUCCEEDED"
+    purchase = await Payment.get(
+        account_id=admin.account_id,
+        kind=PaymentKind.PURCHASE,
+        status=PaymentStatus.SUCCEEDED,
+        credits=200,
+    )
+    assert purchase.gateway_payment_id
+    found = await harness.http.get(  # type: ignore[attr-defined]
+        f"/v1/payment_intents/{purchase.gateway_payment_id}",
+        params={"expand[]": "latest_charge"},
+    )
+    charge_id = found.json()["latest_charge"]["id"]
+    refunded = await harness.http.post(  # type: ignore[attr-defined]
+        "/v1/refunds", data={"charge": charge_id, "amount": 500}
+    )
+    refunded.raise_for_status()
+    report = await reconcile.run([admin.account_id], stripe)  # no charge.refunded came
+    assert checks(report) == ["stripe"], lines(report)
+    assert "refunded 0 here, 500 at Stripe" in report.discrepancies[0].detail
+    # The event arrives: the REFUND entry is written and the books agree again.
+    charge = (
+        await harness.http.get(  # type: ignore[attr-defined]
+            f"/v1/payment_intents/{purchase.gateway_payment_id}",
+            params={"expand[]": "latest_charge"},
+        )
+    ).json()["latest_charge"]
+    async with in_transaction():
+        from billing import webhooks
+
+        stored = await webhooks.record(
+            "stripe",
+            {
+                "id": f"evt_{uuid.uuid4().hex[:12]}",
+                "type": "charge.refunded",
+                "data": {"object": charge},
+            },
+        )
+        assert stored is not None
+        await webhooks.process(stored)
+    report = await reconcile.run([admin.account_id], stripe)
+    assert report.discrepancies == [], lines(report)
+
+
+async def test_events_that_mismatch_or_wait_too_long_are_reported(
+    admin: Caller, staff: Caller, service: Caller, queue: InProcessQueue
+) -> None:
+    await activity(admin, staff, service, queue)
+    old = f"evt_old_{uuid.uuid4().hex[:8]}"
+    odd = f"evt_odd_{uuid.uuid4().hex[:8]}"
+
+    async def plant() -> None:
+        await sql.execute(
+            "INSERT INTO gateway_event (source, external_id, type, payload, received_at, "
+            "attempts, outcome, last_error) VALUES (?, ?, ?, ?, ?, 3, ?, ?)",
+            "stripe",
+            old,
+            "charge.dispute.created",
+            "{}",
+            sql.now() - timedelta(days=2),
+            "pending",
+            "payment x is not paid yet",
+        )
+        await sql.execute(
+            "INSERT INTO gateway_event (source, external_id, type, payload, received_at, "
+            "processed_at, attempts, outcome, last_error) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?)",
+            "stripe",
+            odd,
+            "payment_intent.succeeded",
+            "{}",
+            sql.now(),
+            sql.now(),
+            "mismatch",
+            "does not match payment y",
+        )
+
+    report = await planted(plant, None)
+    found = [d.line() for d in report.discrepancies if d.check == "gateway-event"]
+    assert any(old in line and "still pending" in line for line in found), found
+    assert any(odd in line and "does not match" in line for line in found), found
