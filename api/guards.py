@@ -18,7 +18,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from graphql import ExecutionResult, GraphQLError, StringValueNode, Visitor, visit
+from graphql import (
+    ExecutionResult,
+    GraphQLError,
+    OperationDefinitionNode,
+    StringValueNode,
+    Visitor,
+    visit,
+)
 from starlette.websockets import WebSocket
 from strawberry.extensions import SchemaExtension
 from strawberry.types.graphql import OperationType
@@ -99,4 +106,24 @@ class SubscriptionsOverWebsocket(SchemaExtension):
                 extensions={"code": "BAD_REQUEST"},
             )
             context.result = ExecutionResult(data=None, errors=[error])
+        yield
+
+
+class OperationNameRequired(SchemaExtension):
+    """The GraphQL spec: a document holding several operations runs only the one
+    ``operationName`` names; without one it is an error (Strawberry would run the first)."""
+
+    def on_execute(self) -> Iterator[None]:
+        context = self.execution_context
+        document = context.graphql_document
+        # ``operation_name`` falls back to the first operation's: ask what the client sent.
+        named = getattr(context, "_provided_operation_name", None)
+        if document is not None and not named and context.result is None:
+            operations = [d for d in document.definitions if isinstance(d, OperationDefinitionNode)]
+            if len(operations) > 1:
+                error = GraphQLError(
+                    "Must provide operationName when the document holds several operations.",
+                    extensions={"code": "BAD_REQUEST"},
+                )
+                context.result = ExecutionResult(data=None, errors=[error])
         yield

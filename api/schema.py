@@ -19,18 +19,17 @@ from graphql.validation import ASTValidationRule, NoSchemaIntrospectionCustomRul
 from strawberry.extensions import (
     AddValidationRules,
     MaskErrors,
-    MaxAliasesLimiter,
     MaxTokensLimiter,
     ParserCache,
-    QueryDepthLimiter,
     SchemaExtension,
-    ValidationCache,
 )
 from tortoise.transactions import in_transaction
 
 from api import ids
+from api.bounded import DEFAULT_OPERATION_TIMEOUT_SECONDS, BoundedSchema, CachedValidation
 from api.context import bad_input, forbidden
-from api.guards import SubscriptionsOverWebsocket, TextGuard
+from api.cost import MAX_ALIASES, MAX_FIELDS, MAX_QUERY_DEPTH, CostLimit
+from api.guards import OperationNameRequired, SubscriptionsOverWebsocket, TextGuard
 from api.metrics import MetricsExtension
 from api.types import (
     AutoRecharge,
@@ -746,18 +745,15 @@ def should_mask_error(error: GraphQLError) -> bool:
 
 # Room to spare for the billing page, the platform services and GraphiQL's introspection
 # query (tests/test_hardening.py checks them); abusive documents are refused before they run.
-MAX_QUERY_DEPTH = 10
-MAX_ALIASES = 15
+# The depth, alias and field budgets are api/cost.py's.
 MAX_TOKENS = 2_000
+__all__ = ["MAX_ALIASES", "MAX_FIELDS", "MAX_QUERY_DEPTH", "MAX_TOKENS", "build_schema", "schema"]
 
 
 def hardening_rules(settings: Settings | None = None) -> list[type[ASTValidationRule]]:
-    """Strawberry's depth and alias limiters' rules, and no introspection when
-    ``settings`` turn it off."""
-    rules = [
-        *QueryDepthLimiter(max_depth=MAX_QUERY_DEPTH).validation_rules,
-        *MaxAliasesLimiter(max_alias_count=MAX_ALIASES).validation_rules,
-    ]
+    """The document's cost (depth, aliases, fields: one linear walk), and no
+    introspection when ``settings`` turn it off."""
+    rules: list[type[ASTValidationRule]] = [CostLimit]
     if settings is not None and not settings.introspection_enabled:
         rules.append(NoSchemaIntrospectionCustomRule)
     return rules
@@ -766,23 +762,29 @@ def hardening_rules(settings: Settings | None = None) -> list[type[ASTValidation
 def build_schema(settings: Settings | None = None) -> strawberry.Schema:
     """The schema with its hardening. Introspection follows ``settings`` (on without them:
     ``make schema`` exports the default ``schema`` below)."""
-    rules = hardening_rules(settings)  # made once per schema, so ValidationCache can hit
+    rules = hardening_rules(settings)  # made once per schema, so the validation cache hits
+    hide = settings is not None and not settings.suggestions_enabled
     extensions: list[Callable[[], SchemaExtension]] = [
         MetricsExtension,  # first: it times everything the others do
         lambda: MaxTokensLimiter(max_token_count=MAX_TOKENS),
         ParserCache,
         lambda: AddValidationRules(rules),
-        ValidationCache,
+        lambda: CachedValidation(hide_suggestions=hide),
+        OperationNameRequired,  # several operations need an operationName
         TextGuard,  # no lone surrogate or NUL reaches the database
         SubscriptionsOverWebsocket,  # a subscription POSTed is refused, not a null
         lambda: MaskErrors(should_mask_error=should_mask_error, error_message="Internal error."),
     ]
-    return strawberry.Schema(
+    return BoundedSchema(
         query=Query,
         mutation=Mutation,
         subscription=Subscription,
         types=[Role],
         extensions=extensions,
+        operation_timeout_seconds=settings.operation_timeout_seconds
+        if settings is not None
+        else DEFAULT_OPERATION_TIMEOUT_SECONDS,
+        hide_suggestions=hide,
     )
 
 
