@@ -23,6 +23,7 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
+from billing.accounts import valid_account_id
 from billing.enums import Role
 from billing.settings import Settings
 
@@ -72,6 +73,8 @@ def principal_from_claims(claims: dict[str, object]) -> Principal:
     sub = _claim_str(claims, "sub", 128, required=True)
     account_id = _claim_str(claims, "account_id", 64, required=True)
     assert sub is not None and account_id is not None
+    if not valid_account_id(account_id):
+        raise AuthError("token claim 'account_id' is missing or malformed")
     return Principal(
         user_id=sub,
         account_id=account_id,

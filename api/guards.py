@@ -98,8 +98,10 @@ class SubscriptionsOverWebsocket(SchemaExtension):
     def on_execute(self) -> Iterator[None]:
         context = self.execution_context
         request = getattr(context.context, "request", None)
-        if context.operation_type is OperationType.SUBSCRIPTION and not isinstance(
-            request, WebSocket
+        if (
+            context.result is None
+            and context.operation_type is OperationType.SUBSCRIPTION
+            and not isinstance(request, WebSocket)
         ):
             error = GraphQLError(
                 "Subscriptions are served over graphql-transport-ws (a websocket on /graphql).",

@@ -25,9 +25,11 @@ from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from api import ids
+from api import ids, permissions
 from api.auth import AuthError, Principal, authenticate, bearer_token
+from api.permissions import Reach
 from billing import history
+from billing.accounts import ACCOUNT_ID_RULE, valid_account_id
 from billing.enums import ProcessType, Role, TransactionType
 from billing.errors import Validator
 from billing.models import LedgerEntry
@@ -171,19 +173,23 @@ def parse_filter(params: QueryParams) -> history.HistoryFilter:
     return flt
 
 
+REPORT = "GET /reports/transactions.csv"  # its row in api.permissions.TABLE
+
+
 def target_account(principal: Principal, requested: str | None) -> str:
     """Whose history the caller may export (``PermissionError``: 403)."""
-    if requested is not None and not 0 < len(requested) <= MAX_ACCOUNT_ID:
-        raise BadRequest(f"accountId must be 1 to {MAX_ACCOUNT_ID} characters")
-    if principal.has(Role.ADMIN) and requested in (None, principal.account_id):
-        return principal.account_id
-    if principal.has(Role.BILLING_STAFF):
-        if requested is None:
+    if requested is not None and not valid_account_id(requested):
+        raise BadRequest(ACCOUNT_ID_RULE)
+    scope = permissions.reach(principal, REPORT)
+    if scope is None:
+        raise PermissionError("Only account admins may export the account's transactions.")
+    if requested is None or (requested == principal.account_id and principal.has(Role.ADMIN)):
+        if not principal.has(Role.ADMIN):
             raise BadRequest("billing staff must name an accountId")
+        return principal.account_id
+    if scope is Reach.ANY:
         return requested
-    if principal.has(Role.ADMIN):
-        raise PermissionError("You may export only your own account's transactions.")
-    raise PermissionError("Only account admins may export the account's transactions.")
+    raise PermissionError("You may export only your own account's transactions.")
 
 
 # ---------------------------------------------------------------- the endpoint

@@ -226,7 +226,7 @@ async def test_coded_errors_and_user_errors_stay_visible(
     user = caller(account_id, Role.USER)
     forbidden = await user.gql_error(ops.BALANCE)
     assert forbidden["extensions"]["code"] == "FORBIDDEN"
-    assert forbidden["message"] == "Only account admins may see the account's credits."
+    assert forbidden["message"] == "creditAccount needs the ADMIN role or the BILLING_STAFF role."
     bad_input = await staff.gql_error(ops.BALANCE)
     assert bad_input["extensions"]["code"] == "BAD_USER_INPUT"
     assert bad_input["message"] == "Billing staff must name an accountId."
