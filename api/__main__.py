@@ -9,6 +9,7 @@ from typing import Any
 
 import uvicorn
 
+from api.server import BoundedH11Protocol
 from billing import logs
 from billing.db import migrate
 from billing.settings import Settings, get_settings
@@ -58,6 +59,14 @@ def uvicorn_options(settings: Settings, *, workers: int = 1) -> dict[str, Any]:
         "access_log": False,
         "proxy_headers": False,
         "timeout_graceful_shutdown": settings.shutdown_grace_seconds,
+        # A websocket message may be as large as an HTTP body, no larger (the default
+        # is 16 MiB, buffered whole before the app sees it).
+        "ws_max_size": settings.max_body_bytes,
+        # h11 bounds a request's head (httptools, uvicorn's default, bounds nothing); see
+        # api/server.py for the deadline on it. Idle keep-alive connections are dropped.
+        "http": BoundedH11Protocol,
+        "h11_max_incomplete_event_size": settings.max_header_bytes,
+        "timeout_keep_alive": settings.keep_alive_seconds,
     }
 
 

@@ -15,6 +15,7 @@ field's resolver as a query's, which returned null for the non-null field: a mas
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -128,4 +129,21 @@ class OperationNameRequired(SchemaExtension):
                     extensions={"code": "BAD_REQUEST"},
                 )
                 context.result = ExecutionResult(data=None, errors=[error])
+        yield
+
+
+class FreshToken(SchemaExtension):
+    """Over a websocket the token was checked once, at ``connection_init``: every
+    operation on the socket is checked again against its expiry (HTTP checks it on each
+    request), so an expired token runs nothing, even before the socket is closed."""
+
+    def on_execute(self) -> Iterator[None]:
+        context = self.execution_context
+        expires_at = getattr(context.context, "token_expires_at", None)
+        if context.result is None and expires_at is not None and time.time() >= expires_at:
+            error = GraphQLError(
+                "The token has expired: reconnect with a new one.",
+                extensions={"code": "UNAUTHENTICATED"},
+            )
+            context.result = ExecutionResult(data=None, errors=[error])
         yield

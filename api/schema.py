@@ -29,7 +29,7 @@ from api import ids
 from api.bounded import DEFAULT_OPERATION_TIMEOUT_SECONDS, BoundedSchema, CachedValidation
 from api.context import bad_input, forbidden
 from api.cost import MAX_ALIASES, MAX_FIELDS, MAX_QUERY_DEPTH, CostLimit
-from api.guards import OperationNameRequired, SubscriptionsOverWebsocket, TextGuard
+from api.guards import FreshToken, OperationNameRequired, SubscriptionsOverWebsocket, TextGuard
 from api.metrics import MetricsExtension
 from api.permissions import Permissions, Reach
 from api.types import (
@@ -776,6 +776,7 @@ def build_schema(settings: Settings | None = None) -> strawberry.Schema:
         ParserCache,
         lambda: AddValidationRules(rules),
         lambda: CachedValidation(hide_suggestions=hide),
+        FreshToken,  # a websocket's token is checked again for each operation
         OperationNameRequired,  # several operations need an operationName
         Permissions,  # api/permissions.py's table, for every operation, before it runs
         TextGuard,  # no lone surrogate or NUL reaches the database

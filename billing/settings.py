@@ -48,6 +48,12 @@ class Settings(BaseSettings):
     operation_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
     # GraphQL's "Did you mean …?" hints (None: on in development, off in production).
     graphql_suggestions: bool | None = None
+    # A request's line and headers larger than this are refused (uvicorn's h11).
+    max_header_bytes: int = Field(default=32_768, ge=4_096, le=1_048_576)
+    # A keep-alive connection idle this long is closed.
+    keep_alive_seconds: float = Field(default=5.0, gt=0, le=300)
+    # A request body not received in full within this long is refused with 408.
+    body_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
     worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)  # arq /metrics
     smtp_url: str | None = None  # None: e-mails are written to the log (billing.mailer)
     mail_from: str = "Purchase Credits <credits@localhost>"
