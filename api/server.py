@@ -16,20 +16,29 @@ from typing import Any
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from billing.settings import get_settings
+
 #: Seconds a client has to send a request's line and headers.
 HEADER_TIMEOUT_SECONDS = 10.0
 
 
 class BoundedH11Protocol(H11Protocol):
-    header_timeout: float = HEADER_TIMEOUT_SECONDS
+    """uvicorn's h11 protocol with a deadline on each request's head. Named by its path in
+    uvicorn's options (``api.server:BoundedH11Protocol``, so worker processes can import
+    it); the deadline is ``HEADER_TIMEOUT_SECONDS`` from the settings."""
+
+    header_timeout: float | None = None  # None: the settings'
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._head_deadline: asyncio.TimerHandle | None = None
+        if self.header_timeout is None:
+            self.header_timeout = get_settings().header_timeout_seconds
 
     def _arm(self) -> None:
         self._disarm()
-        self._head_deadline = self.loop.call_later(self.header_timeout, self._too_slow)
+        seconds = self.header_timeout or HEADER_TIMEOUT_SECONDS
+        self._head_deadline = self.loop.call_later(seconds, self._too_slow)
 
     def _disarm(self) -> None:
         if self._head_deadline is not None:

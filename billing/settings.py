@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     graphql_suggestions: bool | None = None
     # A request's line and headers larger than this are refused (uvicorn's h11).
     max_header_bytes: int = Field(default=32_768, ge=4_096, le=1_048_576)
+    # A request's line and headers not received within this long: the connection is closed.
+    header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     # A keep-alive connection idle this long is closed.
     keep_alive_seconds: float = Field(default=5.0, gt=0, le=300)
     # A request body not received in full within this long is refused with 408.
