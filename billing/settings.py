@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     keep_alive_seconds: float = Field(default=5.0, gt=0, le=300)
     # A request body not received in full within this long is refused with 408.
     body_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
+    # GET /metrics needs this bearer token when set; in production without it, /metrics
+    # is not served on the public listener at all.
+    metrics_token: SecretStr | None = None
     worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)  # arq /metrics
     smtp_url: str | None = None  # None: e-mails are written to the log (billing.mailer)
     mail_from: str = "Purchase Credits <credits@localhost>"

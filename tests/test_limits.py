@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import SecretStr
 from starlette.applications import Starlette
 
 from api.auth import issue_token
@@ -217,3 +218,20 @@ async def test_several_operations_need_an_operation_name(admin: Caller) -> None:
     assert named.json() == {"data": {"viewer": {"userId": admin.user_id}}}
     cards = await admin.gql("{ creditAccount { cards { id } } }")
     assert cards["creditAccount"]["cards"] == []
+
+
+async def test_metrics_are_not_public_in_production(make_app: MakeApp) -> None:
+    """/metrics served cross-tenant totals to anyone in production."""
+    async with client(make_app(credits_env="production")) as c:
+        assert (await c.get("/metrics")).status_code == 404
+    guarded = make_app(
+        credits_env="production", metrics_token=SecretStr("scraper-secret-0123456789")
+    )
+    async with client(guarded) as c:
+        assert (await c.get("/metrics")).status_code == 401
+        wrong = {"Authorization": "Bearer guess"}
+        assert (await c.get("/metrics", headers=wrong)).status_code == 401
+        right = {"Authorization": "Bearer scraper-secret-0123456789"}
+        response = await c.get("/metrics", headers=right)
+        assert response.status_code == 200
+        assert "credits_graphql_request_duration_seconds" in response.text
