@@ -257,11 +257,18 @@ async def stripe_webhook(request: Request) -> Response:
             tolerance=WEBHOOK_TOLERANCE_SECONDS,
         )
         event = json.loads(text)
-        if not isinstance(event, dict) or not isinstance(event.get("id"), str):
-            raise ValueError("not an event")
+        if not isinstance(event, dict) or not _event_id_ok(event.get("id")):
+            raise ValueError("not an event (an id of 1 to 255 printable characters)")
     except (stripe.SignatureVerificationError, UnicodeDecodeError, ValueError) as exc:
-        log.warning("refused a Stripe webhook: %s", exc)
+        log.info("refused a Stripe webhook: %s", exc)
         return JSONResponse({"error": "invalid signature or payload"}, status_code=400)
+    data = event.get("data")
+    if not isinstance(data, dict) or not isinstance(data.get("object"), dict):
+        # Signed by Stripe but not an event we could ever apply: kept as rejected, not
+        # queued (its job would fail on every retry).
+        await webhooks.record("stripe", event, rejected="data.object is not an object")
+        log.info("refused a Stripe webhook %s: data.object is not an object", event["id"])
+        return JSONResponse({"error": "data.object must be an object"}, status_code=400)
     stored = await webhooks.record("stripe", event)
     if stored is not None:
         await services.queue.enqueue(
@@ -271,6 +278,10 @@ async def stripe_webhook(request: Request) -> Response:
 
 
 WEBHOOK_TOLERANCE_SECONDS = 300
+
+
+def _event_id_ok(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= 255 and value.isprintable()
 
 
 async def run_periodic(queue: InProcessQueue, settings: Settings) -> None:

@@ -16,6 +16,7 @@ import csv
 import io
 import logging
 import re
+import unicodedata
 from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -52,8 +53,12 @@ COLUMNS = (
 LIST_PARAMS = ("types", "processTypes", "userIds")
 SCALAR_PARAMS = ("from", "to", "search", "accountId")
 MAX_ACCOUNT_ID = 64
-# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection).
-FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection),
+# also after leading blanks or invisible characters (a byte-order mark, a zero-width
+# space), and in their full-width forms (U+FF1D, U+FF0B, U+FF0D, U+FF20: NFKC folds them).
+FORMULA_START = ("=", "+", "-", "@")
+# A cell that starts with a control character or a line break is quoted too (OWASP).
+CONTROL_START = ("\t", "\r", "\n")
 
 
 E = TypeVar("E", bound=StrEnum)
@@ -72,7 +77,16 @@ def safe_text(value: str | None) -> str:
     """User-written text as a cell a spreadsheet shows rather than runs."""
     if not value:
         return ""
-    return "'" + value if value.startswith(FORMULA_START) else value
+    return "'" + value if _runs_as_formula(value) else value
+
+
+def _runs_as_formula(value: str) -> bool:
+    if value.startswith(CONTROL_START):
+        return True
+    visible = value.lstrip()
+    while visible and unicodedata.category(visible[0]) == "Cf":  # BOM, zero-width
+        visible = visible[1:].lstrip()
+    return unicodedata.normalize("NFKC", visible[:1]).startswith(FORMULA_START)
 
 
 def _utc_text(value: datetime) -> str:

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
+import httpx
 import pytest
 import uvicorn
+from pydantic import SecretStr
 from starlette.applications import Starlette
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -23,8 +27,9 @@ from api.auth import Principal, issue_token
 from api.context import Context
 from api.server import BoundedH11Protocol
 from billing.enums import Role
+from billing.models import GatewayEvent
 from billing.settings import Settings
-from tests.gateways import GatewayHarness, free_port
+from tests.gateways import GatewayHarness, free_port, signed
 from workers.jobs import all_functions
 from workers.queue import InProcessQueue
 
@@ -97,8 +102,8 @@ async def served(
     changed = settings.model_copy(
         update={
             "payment_gateway": "stripe",
-            "stripe_api_key": "sk_test_entry_points",
-            "stripe_webhook_secret": WEBHOOK_SECRET,
+            "stripe_api_key": SecretStr("sk_test_entry_points"),
+            "stripe_webhook_secret": SecretStr(WEBHOOK_SECRET),
             "body_timeout_seconds": SHORT,
             "keep_alive_seconds": SHORT,
             "max_body_bytes": 100_000,
@@ -268,3 +273,57 @@ async def test_a_socket_message_is_no_larger_than_a_body(served: Served) -> None
         assert await closed_with(ws) == 1009
     finally:
         await ws.close()
+
+
+# ---------------------------------------------------------------- malformed signed webhooks
+
+
+@pytest.fixture
+async def webhook_client(
+    app: Starlette, settings: Settings, harness: GatewayHarness
+) -> AsyncIterator[httpx.AsyncClient]:
+    changed = settings.model_copy(
+        update={
+            "payment_gateway": "stripe",
+            "stripe_api_key": SecretStr("sk_test_entry_points"),
+            "stripe_webhook_secret": SecretStr(WEBHOOK_SECRET),
+        }
+    )
+    application = create_app(
+        changed, gateway=harness.gateway, queue=InProcessQueue(all_functions())
+    )
+    transport = httpx.ASGITransport(app=application)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        yield client
+
+
+async def post_signed(client: httpx.AsyncClient, event: dict[str, Any]) -> httpx.Response:
+    body, signature = signed(event, WEBHOOK_SECRET)
+    return await client.post(
+        "/webhooks/stripe",
+        content=body,
+        headers={"Content-Type": "application/json", "Stripe-Signature": signature},
+    )
+
+
+@pytest.mark.parametrize(
+    "data", [None, {"object": None}, {"object": "pi_123"}, {"object": [1]}, "x"], ids=repr
+)
+async def test_a_signed_event_without_an_object_is_400_and_kept_as_rejected(
+    webhook_client: httpx.AsyncClient, data: Any
+) -> None:
+    """It was stored and queued, and its job failed on every retry."""
+    event_id = f"evt_{uuid.uuid4().hex[:16]}"
+    event = {"id": event_id, "type": "payment_intent.succeeded", "data": data}
+    response = await post_signed(webhook_client, event)
+    assert response.status_code == 400
+    (row,) = await GatewayEvent.filter(external_id=event_id)
+    assert row.processed_at is not None  # never processed, never retried
+    assert row.last_error is not None and row.last_error.startswith("rejected")
+
+
+async def test_an_event_id_too_long_to_store_is_400(webhook_client: httpx.AsyncClient) -> None:
+    """A 5,000-character id reached the database and came back as a 500."""
+    event = {"id": "evt_" + "x" * 5_000, "type": "charge.refunded", "data": {"object": {}}}
+    response = await post_signed(webhook_client, event)
+    assert response.status_code == 400
