@@ -235,3 +235,33 @@ async def test_metrics_are_not_public_in_production(make_app: MakeApp) -> None:
         response = await c.get("/metrics", headers=right)
         assert response.status_code == 200
         assert "credits_graphql_request_duration_seconds" in response.text
+
+
+async def test_the_time_budget_holds_over_the_websocket_path_too(
+    make_app: MakeApp, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Queries and mutations over the socket run through Strawberry's ``stream``: the
+    same budget applies there."""
+    import api.schema
+    from api.auth import Principal
+    from api.context import Context
+
+    async def stuck(account_id: str) -> Any:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(api.schema, "get_account", stuck)
+    application = make_app(operation_timeout_seconds=0.5)
+    services = application.state.services
+    schema = application.routes[0].endpoint.graphql.schema  # type: ignore[attr-defined]
+    context = Context(
+        principal=Principal(user_id="u", account_id="acct-slow-ws", roles=frozenset({Role.ADMIN})),
+        settings=services.settings,
+        gateway=services.gateway,
+        book=services.book,
+        queue=services.queue,
+        live=services.live,
+    )
+    results = await schema.stream("{ creditAccount { balance } }", context_value=context)
+    first = await anext(results)
+    await results.aclose()
+    assert first.errors[0].extensions["code"] == "TIMEOUT"
