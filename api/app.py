@@ -11,6 +11,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import jwt
@@ -54,6 +55,9 @@ log = logging.getLogger(__name__)
 ANONYMOUS = Principal(user_id="", account_id="", roles=frozenset())
 
 
+MAX_OPERATIONS_PER_SOCKET = 20
+
+
 class CreditsGraphQL(GraphQL[Context, None]):
     """Strawberry's ASGI app with our context (the principal is set by ``GraphQLEndpoint``)."""
 
@@ -63,6 +67,12 @@ class CreditsGraphQL(GraphQL[Context, None]):
             graphql_ide="graphiql" if services.settings.show_graphiql else None,
             allow_queries_via_get=False,
             subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL,),
+            # A socket that never authenticates is closed (4408) as soon as an HTTP
+            # request's head would be; one socket runs at most this many operations at once.
+            connection_init_wait_timeout=timedelta(
+                seconds=services.settings.header_timeout_seconds
+            ),
+            max_subscriptions_per_connection=MAX_OPERATIONS_PER_SOCKET,
         )
         self.services = services
         #: Set by ``GraphQLEndpoint``: records the caller a websocket authenticated.

@@ -106,6 +106,7 @@ async def served(
             "stripe_webhook_secret": SecretStr(WEBHOOK_SECRET),
             "body_timeout_seconds": SHORT,
             "keep_alive_seconds": SHORT,
+            "header_timeout_seconds": SHORT,
             "max_body_bytes": 100_000,
             "max_header_bytes": 16_384,
         }
@@ -213,6 +214,17 @@ async def closed_with(ws: ClientConnection) -> int | None:
                 await ws.recv()
     except ConnectionClosed as exc:
         return exc.rcvd.code if exc.rcvd is not None else None
+
+
+async def test_a_socket_that_never_authenticates_is_closed(served: Served) -> None:
+    ws = await connect(
+        f"ws://127.0.0.1:{served.port}/graphql",
+        subprotocols=[Subprotocol("graphql-transport-ws")],
+    )
+    try:
+        assert await closed_with(ws) == 4408  # no connection_init within the deadline
+    finally:
+        await ws.close()
 
 
 async def test_the_socket_closes_when_its_token_expires(served: Served) -> None:
