@@ -58,6 +58,21 @@ def uvicorn_options(settings: Settings, *, workers: int = 1) -> dict[str, Any]:
         "access_log": False,
         "proxy_headers": False,
         "timeout_graceful_shutdown": settings.shutdown_grace_seconds,
+        **connection_limits(settings),
+    }
+
+
+def connection_limits(settings: Settings) -> dict[str, Any]:
+    """What uvicorn bounds per connection (tests serve the app with these too)."""
+    return {
+        # A websocket message may be as large as an HTTP body, no larger (the default
+        # is 16 MiB, buffered whole before the app sees it).
+        "ws_max_size": settings.max_body_bytes,
+        # h11 bounds a request's head (httptools, uvicorn's default, bounds nothing); see
+        # api/server.py for the deadline on it. Idle keep-alive connections are dropped.
+        "http": "api.server:BoundedH11Protocol",
+        "h11_max_incomplete_event_size": settings.max_header_bytes,
+        "timeout_keep_alive": settings.keep_alive_seconds,
     }
 
 

@@ -6,10 +6,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import jwt
@@ -21,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import Message, Receive, Scope, Send
+from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
 from strawberry.exceptions import ConnectionRejectionError
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
@@ -29,6 +32,7 @@ from tortoise.contrib.starlette import RegisterTortoise
 
 from api import metrics as api_metrics
 from api.auth import AuthError, Principal, authenticate, bearer_token
+from api.bodies import BoundedBody
 from api.context import Context
 from api.graphiql import graphiql_page
 from api.observability import RequestIdMiddleware, readiness
@@ -51,6 +55,9 @@ log = logging.getLogger(__name__)
 ANONYMOUS = Principal(user_id="", account_id="", roles=frozenset())
 
 
+MAX_OPERATIONS_PER_SOCKET = 20
+
+
 class CreditsGraphQL(GraphQL[Context, None]):
     """Strawberry's ASGI app with our context (the principal is set by ``GraphQLEndpoint``)."""
 
@@ -60,6 +67,12 @@ class CreditsGraphQL(GraphQL[Context, None]):
             graphql_ide="graphiql" if services.settings.show_graphiql else None,
             allow_queries_via_get=False,
             subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL,),
+            # A socket that never authenticates is closed (4408) as soon as an HTTP
+            # request's head would be; one socket runs at most this many operations at once.
+            connection_init_wait_timeout=timedelta(
+                seconds=services.settings.header_timeout_seconds
+            ),
+            max_subscriptions_per_connection=MAX_OPERATIONS_PER_SOCKET,
         )
         self.services = services
         #: Set by ``GraphQLEndpoint``: records the caller a websocket authenticated.
@@ -109,7 +122,12 @@ class CreditsGraphQL(GraphQL[Context, None]):
         if self.provision is not None:
             await self.provision(principal)
         context.principal = principal
-        context.token_expires_at = _expires_at(token)
+        context.token_expires_at = expires_at = _expires_at(token)
+        socket = context.request
+        if expires_at is not None and isinstance(socket, WebSocket):
+            # The socket ends with its token (GraphQLEndpoint cancels this when it ends first).
+            closer = asyncio.create_task(_close_at(socket, expires_at))
+            socket.scope.setdefault("state", {})["token_closer"] = closer
         return UNSET
 
 
@@ -137,10 +155,6 @@ class GraphQLEndpoint:
             if wants_page:
                 scope.setdefault("state", {})["principal"] = ANONYMOUS
             else:
-                limit = self.settings.max_body_bytes
-                if _declared_length(request) > limit:
-                    await _too_large(limit)(scope, receive, send)
-                    return
                 try:
                     principal = await authenticate(
                         bearer_token(request.headers.get("authorization")), self.settings
@@ -160,15 +174,18 @@ class GraphQLEndpoint:
                     )
                     await response(scope, receive, send)
                     return
-                if request.method == "POST":
-                    # Read the body here, up to the limit: a chunked body has no length.
-                    body = await _read_body(receive, limit)
-                    if body is None:
-                        await _too_large(limit)(scope, receive, send)
-                        return
-                    receive = _replay(body, receive)
+                # The body was read already, within its bounds: api.bodies.BoundedBody.
                 await self._provision(principal)
                 scope.setdefault("state", {})["principal"] = principal
+        elif scope["type"] == "websocket":
+            receive = _bounded_socket(receive, send, self.settings.max_body_bytes)
+            try:
+                await self.graphql(scope, receive, send)
+            finally:
+                closer = scope.get("state", {}).pop("token_closer", None)
+                if closer is not None:
+                    closer.cancel()
+            return
         await self.graphql(scope, receive, send)
 
     async def _provision(self, p: Principal) -> None:
@@ -189,57 +206,35 @@ class GraphQLEndpoint:
             self._seen.popitem(last=False)
 
 
-def _declared_length(request: Request) -> int:
-    try:
-        return int(request.headers.get("content-length") or 0)
-    except ValueError:
-        return 0  # read with the limit anyway
+#: A subscription's feed ends at the token's ``exp`` with an ``UNAUTHENTICATED`` event; the
+#: socket is closed just after, so that event is delivered first.
+CLOSE_AFTER_EXPIRY_SECONDS = 1.0
+TOKEN_EXPIRED = 4401  # graphql-transport-ws's "Unauthorized"
 
 
-def _too_large(limit: int) -> Response:
-    return JSONResponse(
-        {
-            "errors": [
-                {
-                    "message": f"The request body is larger than {limit:,} bytes.",
-                    "extensions": {"code": "PAYLOAD_TOO_LARGE"},
-                }
-            ]
-        },
-        status_code=413,
-    )
+async def _close_at(socket: WebSocket, expires_at: float) -> None:
+    await asyncio.sleep(max(0.0, expires_at - time.time()) + CLOSE_AFTER_EXPIRY_SECONDS)
+    log.info("closing a websocket: its token expired")
+    with contextlib.suppress(RuntimeError, OSError):  # closed meanwhile
+        await socket.close(code=TOKEN_EXPIRED, reason="The token has expired.")
 
 
-async def _read_body(receive: Receive, limit: int) -> bytes | None:
-    """The whole request body, or ``None`` as soon as it passes ``limit`` bytes (the
-    rest is never read)."""
-    chunks: list[bytes] = []
-    size = 0
-    while True:
+def _bounded_socket(receive: Receive, send: Send, limit: int) -> Receive:
+    """A websocket ``receive`` that refuses a message larger than an HTTP body may be
+    (close code 1009, "message too big"); the server's own frame limit is the same
+    (``api.__main__.uvicorn_options``: ``ws_max_size``), so it is never buffered whole."""
+
+    async def bounded() -> Message:
         message = await receive()
-        if message["type"] != "http.request":  # the client went away
-            return b"".join(chunks)
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
+        if message["type"] == "websocket.receive":
+            size = len(message.get("text") or "") + len(message.get("bytes") or b"")
+            if size > limit:
+                log.info("closing a websocket: a message of %d bytes", size)
+                await send({"type": "websocket.close", "code": 1009, "reason": "Too big"})
+                return {"type": "websocket.disconnect", "code": 1009}
+        return message
 
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """A ``receive`` that hands out the body already read, then waits as usual."""
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
+    return bounded
 
 
 async def healthz(request: Request) -> Response:
@@ -256,20 +251,13 @@ async def readyz(request: Request) -> Response:
     )
 
 
-MAX_WEBHOOK_BYTES = 1_000_000
-
-
 async def stripe_webhook(request: Request) -> Response:
     """Verify the signature on the raw body, store the event once, process it in a job."""
     services: Services = request.app.state.services
     secret = services.settings.stripe_webhook_secret
     if services.settings.payment_gateway != "stripe" or secret is None:
         return JSONResponse({"error": "the Stripe gateway is not configured"}, status_code=404)
-    if int(request.headers.get("content-length") or 0) > MAX_WEBHOOK_BYTES:
-        return JSONResponse({"error": "payload too large"}, status_code=413)
-    payload = await request.body()
-    if len(payload) > MAX_WEBHOOK_BYTES:
-        return JSONResponse({"error": "payload too large"}, status_code=413)
+    payload = await request.body()  # already read, within its bounds: api.bodies
     try:
         text = payload.decode("utf-8")
         stripe.WebhookSignature.verify_header(
@@ -279,11 +267,18 @@ async def stripe_webhook(request: Request) -> Response:
             tolerance=WEBHOOK_TOLERANCE_SECONDS,
         )
         event = json.loads(text)
-        if not isinstance(event, dict) or not isinstance(event.get("id"), str):
-            raise ValueError("not an event")
+        if not isinstance(event, dict) or not _event_id_ok(event.get("id")):
+            raise ValueError("not an event (an id of 1 to 255 printable characters)")
     except (stripe.SignatureVerificationError, UnicodeDecodeError, ValueError) as exc:
-        log.warning("refused a Stripe webhook: %s", exc)
+        log.info("refused a Stripe webhook: %s", exc)
         return JSONResponse({"error": "invalid signature or payload"}, status_code=400)
+    data = event.get("data")
+    if not isinstance(data, dict) or not isinstance(data.get("object"), dict):
+        # Signed by Stripe but not an event we could ever apply: kept as rejected, not
+        # queued (its job would fail on every retry).
+        await webhooks.record("stripe", event, rejected="data.object is not an object")
+        log.info("refused a Stripe webhook %s: data.object is not an object", event["id"])
+        return JSONResponse({"error": "data.object must be an object"}, status_code=400)
     stored = await webhooks.record("stripe", event)
     if stored is not None:
         await services.queue.enqueue(
@@ -293,6 +288,10 @@ async def stripe_webhook(request: Request) -> Response:
 
 
 WEBHOOK_TOLERANCE_SECONDS = 300
+
+
+def _event_id_ok(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= 255 and value.isprintable()
 
 
 async def run_periodic(queue: InProcessQueue, settings: Settings) -> None:
@@ -386,7 +385,15 @@ def create_app(
             Route("/metrics", api_metrics.metrics),
             Route("/reports/transactions.csv", transactions_csv),
         ],
-        middleware=[Middleware(RequestIdMiddleware)],
+        middleware=[
+            Middleware(RequestIdMiddleware),
+            # Every route's body, read once, bounded in size and time.
+            Middleware(
+                BoundedBody,
+                max_bytes=settings.max_body_bytes,
+                timeout_seconds=settings.body_timeout_seconds,
+            ),
+        ],
         lifespan=lifespan,
     )
     app.state.services = services

@@ -23,6 +23,8 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
+from billing import emails
+from billing.accounts import valid_account_id
 from billing.enums import Role
 from billing.settings import Settings
 
@@ -63,6 +65,18 @@ def _claim_str(claims: dict[str, object], name: str, limit: int, *, required: bo
     return value
 
 
+def _email(claims: dict[str, object]) -> str | None:
+    """The ``email`` claim if it is one valid address (it becomes a mail recipient);
+    anything else is dropped (logged), not trusted."""
+    raw = claims.get("email")
+    if raw is None:
+        return None
+    address = emails.normalized(raw) if isinstance(raw, str) else None
+    if address is None:
+        log.info("ignored a token's email claim that is not a valid address")
+    return address
+
+
 def principal_from_claims(claims: dict[str, object]) -> Principal:
     raw_roles = claims.get("roles")
     if not isinstance(raw_roles, list) or not all(isinstance(r, str) for r in raw_roles):
@@ -72,11 +86,13 @@ def principal_from_claims(claims: dict[str, object]) -> Principal:
     sub = _claim_str(claims, "sub", 128, required=True)
     account_id = _claim_str(claims, "account_id", 64, required=True)
     assert sub is not None and account_id is not None
+    if not valid_account_id(account_id):
+        raise AuthError("token claim 'account_id' is missing or malformed")
     return Principal(
         user_id=sub,
         account_id=account_id,
         roles=roles,
-        email=_claim_str(claims, "email", 320, required=False),
+        email=_email(claims),
         name=_claim_str(claims, "name", 200, required=False),
     )
 

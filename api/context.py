@@ -10,8 +10,9 @@ from typing import Any
 from graphql import GraphQLError
 from strawberry.dataloader import DataLoader
 
+from api import permissions
 from api.auth import Principal
-from billing.enums import Role
+from api.permissions import Reach
 from billing.gateways import PaymentGateway
 from billing.models import Card, Member, Payment
 from billing.pricing import PriceBook
@@ -76,16 +77,15 @@ class Context:
         self.payments = DataLoader(load_fn=_load_payments)
         self.members = DataLoader(load_fn=_load_members)
 
-    def require(self, *roles: Role) -> None:
-        if not self.principal.has(*roles):
-            names = " or ".join(r.value for r in roles)
-            raise forbidden(f"This needs the {names} role.")
+    def permitted(self, operation: str) -> Reach:
+        """The account scope ``api.permissions.TABLE`` gives the caller for ``operation``
+        (``Permissions`` refused the operation already otherwise: this is the backstop)."""
+        scope = permissions.reach(self.principal, operation)
+        if scope is None:
+            raise permissions.forbidden(operation)
+        return scope
 
-    @property
-    def is_staff(self) -> bool:
-        return self.principal.has(Role.BILLING_STAFF)
-
-    def own_account_or_forbidden(self, account_id: str) -> None:
-        """A non-staff caller acts only on the account its token names."""
-        if account_id != self.principal.account_id and not self.is_staff:
+    def own_account_or_forbidden(self, account_id: str, scope: Reach) -> None:
+        """With ``OWN`` reach, a caller acts only on the account its token names."""
+        if scope is Reach.OWN and account_id != self.principal.account_id:
             raise forbidden("You may act only on your own account.")

@@ -15,10 +15,18 @@ field's resolver as a query's, which returned null for the non-null field: a mas
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
-from graphql import ExecutionResult, GraphQLError, StringValueNode, Visitor, visit
+from graphql import (
+    ExecutionResult,
+    GraphQLError,
+    OperationDefinitionNode,
+    StringValueNode,
+    Visitor,
+    visit,
+)
 from starlette.websockets import WebSocket
 from strawberry.extensions import SchemaExtension
 from strawberry.types.graphql import OperationType
@@ -91,12 +99,51 @@ class SubscriptionsOverWebsocket(SchemaExtension):
     def on_execute(self) -> Iterator[None]:
         context = self.execution_context
         request = getattr(context.context, "request", None)
-        if context.operation_type is OperationType.SUBSCRIPTION and not isinstance(
-            request, WebSocket
+        if (
+            context.result is None
+            and context.operation_type is OperationType.SUBSCRIPTION
+            and not isinstance(request, WebSocket)
         ):
             error = GraphQLError(
                 "Subscriptions are served over graphql-transport-ws (a websocket on /graphql).",
                 extensions={"code": "BAD_REQUEST"},
+            )
+            context.result = ExecutionResult(data=None, errors=[error])
+        yield
+
+
+class OperationNameRequired(SchemaExtension):
+    """The GraphQL spec: a document holding several operations runs only the one
+    ``operationName`` names; without one it is an error (Strawberry would run the first)."""
+
+    def on_execute(self) -> Iterator[None]:
+        context = self.execution_context
+        document = context.graphql_document
+        # ``operation_name`` falls back to the first operation's: ask what the client sent.
+        named = getattr(context, "_provided_operation_name", None)
+        if document is not None and not named and context.result is None:
+            operations = [d for d in document.definitions if isinstance(d, OperationDefinitionNode)]
+            if len(operations) > 1:
+                error = GraphQLError(
+                    "Must provide operationName when the document holds several operations.",
+                    extensions={"code": "BAD_REQUEST"},
+                )
+                context.result = ExecutionResult(data=None, errors=[error])
+        yield
+
+
+class FreshToken(SchemaExtension):
+    """Over a websocket the token was checked once, at ``connection_init``: every
+    operation on the socket is checked again against its expiry (HTTP checks it on each
+    request), so an expired token runs nothing, even before the socket is closed."""
+
+    def on_execute(self) -> Iterator[None]:
+        context = self.execution_context
+        expires_at = getattr(context.context, "token_expires_at", None)
+        if context.result is None and expires_at is not None and time.time() >= expires_at:
+            error = GraphQLError(
+                "The token has expired: reconnect with a new one.",
+                extensions={"code": "UNAUTHENTICATED"},
             )
             context.result = ExecutionResult(data=None, errors=[error])
         yield

@@ -8,14 +8,15 @@ directory) and each scrape aggregates every process (prometheus-client's multipr
 
 from __future__ import annotations
 
+import functools
+import hmac
 import os
-import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from inspect import isawaitable
 from typing import Any
 
-from graphql import GraphQLError
+from graphql import FieldNode, GraphQLError, GraphQLSchema, OperationDefinitionNode
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -33,7 +34,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 
 GRAPHQL_DURATION = Histogram(
     "credits_graphql_request_duration_seconds",
-    "GraphQL operations: time from parsing to result, by operation name and type.",
+    "GraphQL operations: time from parsing to result, by root field and operation type.",
     ["operation", "operation_type"],
     buckets=LATENCY_BUCKETS,
 )
@@ -59,22 +60,37 @@ PURCHASES = Counter(
     ["outcome"],
 )
 
-# Operation names come from clients: keep the label set bounded.
-_NAME = re.compile(r"^[_A-Za-z][_0-9A-Za-z]{0,63}$")
-MAX_OPERATION_NAMES = 200
-_seen_names: set[str] = set()
+# Operation names come from clients: any token could fill a label set with junk names.
+# The label is the operation's root field instead (a name of the schema, a bounded set):
+# ``creditAccount``, ``consumeCredits``, ...; ``multiple`` for several, ``other`` for none.
+METHODS = frozenset({"GET", "POST", "HEAD", "OPTIONS", "PUT", "PATCH", "DELETE"})
 
 
-def operation_label(name: str | None) -> str:
-    if not name:
-        return "anonymous"
-    if not _NAME.match(name):
-        return "invalid"
-    if name not in _seen_names:
-        if len(_seen_names) >= MAX_OPERATION_NAMES:
-            return "other"
-        _seen_names.add(name)
-    return name
+def operation_label(root_fields: Iterable[str], known: Collection[str]) -> str:
+    names = {n for n in root_fields if not n.startswith("__")}
+    if len(names) > 1:
+        return "multiple"
+    if len(names) == 1:
+        (name,) = names
+        return name if name in known else "other"
+    return "other"
+
+
+def _root_fields(context: Any) -> list[str]:
+    document = context.graphql_document
+    if document is None:
+        return []
+    wanted = getattr(context, "_provided_operation_name", None)
+    for definition in document.definitions:
+        if not isinstance(definition, OperationDefinitionNode):
+            continue
+        if wanted is None or (definition.name and definition.name.value == wanted):
+            return [
+                s.name.value
+                for s in definition.selection_set.selections
+                if isinstance(s, FieldNode)
+            ]
+    return []
 
 
 def _value(raw: object) -> str:
@@ -158,9 +174,9 @@ class MetricsExtension(SchemaExtension):
             kind = "unknown"
         if kind == "subscription":
             return  # a subscription's "duration" is the life of the connection
-        GRAPHQL_DURATION.labels(operation_label(context.operation_name), kind).observe(
-            time.perf_counter() - started
-        )
+        known = _known_fields(context.schema._schema)
+        label = operation_label(_root_fields(context), known)
+        GRAPHQL_DURATION.labels(label, kind).observe(time.perf_counter() - started)
 
     def resolve(
         self, _next: Callable[..., Any], root: Any, info: Any, *args: Any, **kwargs: Any
@@ -178,7 +194,15 @@ class MetricsExtension(SchemaExtension):
         return _observe(result, recorder, kwargs)
 
 
+@functools.cache
+def _known_fields(schema: GraphQLSchema) -> frozenset[str]:
+    roots = (schema.query_type, schema.mutation_type, schema.subscription_type)
+    return frozenset(name for root in roots if root is not None for name in root.fields)
+
+
 def observe_http(method: str, route: str, status: int, seconds: float) -> None:
+    """``route`` is a route's path template (or ``unmatched``): a bounded set."""
+    method = method if method in METHODS else "other"
     HTTP_DURATION.labels(method, route, str(status)).observe(seconds)
 
 
@@ -191,5 +215,22 @@ def registry() -> CollectorRegistry:
 
 
 async def metrics(request: Request) -> Response:
-    """``GET /metrics``: Prometheus text format (serve it on the internal network only)."""
+    """``GET /metrics``: Prometheus text format. With ``METRICS_TOKEN`` set, only a scraper
+    sending it as a bearer token gets them; in production without one, nobody does (the
+    figures are cross-tenant: serve them on the internal network only, with a token)."""
+    settings = request.app.state.services.settings
+    expected = settings.metrics_token
+    if expected is None:
+        if settings.is_production:
+            return Response("Not Found", status_code=404, media_type="text/plain")
+    else:
+        sent = request.headers.get("authorization", "")
+        wanted = f"Bearer {expected.get_secret_value()}"
+        if not hmac.compare_digest(sent.encode(), wanted.encode()):
+            return Response(
+                "Unauthorized",
+                status_code=401,
+                media_type="text/plain",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
     return Response(generate_latest(registry()), media_type=CONTENT_TYPE_LATEST)

@@ -16,6 +16,7 @@ import csv
 import io
 import logging
 import re
+import unicodedata
 from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -25,9 +26,11 @@ from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from api import ids
+from api import ids, permissions
 from api.auth import AuthError, Principal, authenticate, bearer_token
+from api.permissions import Reach
 from billing import history
+from billing.accounts import ACCOUNT_ID_RULE, valid_account_id
 from billing.enums import ProcessType, Role, TransactionType
 from billing.errors import Validator
 from billing.models import LedgerEntry
@@ -50,8 +53,12 @@ COLUMNS = (
 LIST_PARAMS = ("types", "processTypes", "userIds")
 SCALAR_PARAMS = ("from", "to", "search", "accountId")
 MAX_ACCOUNT_ID = 64
-# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection).
-FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection),
+# also after leading blanks or invisible characters (a byte-order mark, a zero-width
+# space), and in their full-width forms (U+FF1D, U+FF0B, U+FF0D, U+FF20: NFKC folds them).
+FORMULA_START = ("=", "+", "-", "@")
+# A cell that starts with a control character or a line break is quoted too (OWASP).
+CONTROL_START = ("\t", "\r", "\n")
 
 
 E = TypeVar("E", bound=StrEnum)
@@ -70,7 +77,16 @@ def safe_text(value: str | None) -> str:
     """User-written text as a cell a spreadsheet shows rather than runs."""
     if not value:
         return ""
-    return "'" + value if value.startswith(FORMULA_START) else value
+    return "'" + value if _runs_as_formula(value) else value
+
+
+def _runs_as_formula(value: str) -> bool:
+    if value.startswith(CONTROL_START):
+        return True
+    visible = value.lstrip()
+    while visible and unicodedata.category(visible[0]) == "Cf":  # BOM, zero-width
+        visible = visible[1:].lstrip()
+    return unicodedata.normalize("NFKC", visible[:1]).startswith(FORMULA_START)
 
 
 def _utc_text(value: datetime) -> str:
@@ -171,19 +187,23 @@ def parse_filter(params: QueryParams) -> history.HistoryFilter:
     return flt
 
 
+REPORT = "GET /reports/transactions.csv"  # its row in api.permissions.TABLE
+
+
 def target_account(principal: Principal, requested: str | None) -> str:
     """Whose history the caller may export (``PermissionError``: 403)."""
-    if requested is not None and not 0 < len(requested) <= MAX_ACCOUNT_ID:
-        raise BadRequest(f"accountId must be 1 to {MAX_ACCOUNT_ID} characters")
-    if principal.has(Role.ADMIN) and requested in (None, principal.account_id):
-        return principal.account_id
-    if principal.has(Role.BILLING_STAFF):
-        if requested is None:
+    if requested is not None and not valid_account_id(requested):
+        raise BadRequest(ACCOUNT_ID_RULE)
+    scope = permissions.reach(principal, REPORT)
+    if scope is None:
+        raise PermissionError("Only account admins may export the account's transactions.")
+    if requested is None or (requested == principal.account_id and principal.has(Role.ADMIN)):
+        if not principal.has(Role.ADMIN):
             raise BadRequest("billing staff must name an accountId")
+        return principal.account_id
+    if scope is Reach.ANY:
         return requested
-    if principal.has(Role.ADMIN):
-        raise PermissionError("You may export only your own account's transactions.")
-    raise PermissionError("Only account admins may export the account's transactions.")
+    raise PermissionError("You may export only your own account's transactions.")
 
 
 # ---------------------------------------------------------------- the endpoint

@@ -19,19 +19,19 @@ from graphql.validation import ASTValidationRule, NoSchemaIntrospectionCustomRul
 from strawberry.extensions import (
     AddValidationRules,
     MaskErrors,
-    MaxAliasesLimiter,
     MaxTokensLimiter,
     ParserCache,
-    QueryDepthLimiter,
     SchemaExtension,
-    ValidationCache,
 )
 from tortoise.transactions import in_transaction
 
 from api import ids
+from api.bounded import DEFAULT_OPERATION_TIMEOUT_SECONDS, BoundedSchema, CachedValidation
 from api.context import bad_input, forbidden
-from api.guards import SubscriptionsOverWebsocket, TextGuard
+from api.cost import MAX_ALIASES, MAX_FIELDS, MAX_QUERY_DEPTH, CostLimit
+from api.guards import FreshToken, OperationNameRequired, SubscriptionsOverWebsocket, TextGuard
 from api.metrics import MetricsExtension
+from api.permissions import Permissions, Reach
 from api.types import (
     AutoRecharge,
     AutoRechargeTrigger,
@@ -53,7 +53,7 @@ from api.types import (
     transaction_or_none,
 )
 from billing import autorecharge, batch, cards, changes, ledger, lowbalance, purchases, usage
-from billing.accounts import get_account
+from billing.accounts import ACCOUNT_ID_RULE, get_account, valid_account_id
 from billing.enums import Role as R
 from billing.errors import BillingError
 from billing.settings import Settings
@@ -263,16 +263,15 @@ class Query:
     ) -> CreditAccount:
         ctx = info.context
         p = ctx.principal
+        scope = ctx.permitted(_op(info))
         if account_id is None or (account_id == p.account_id and p.has(R.ADMIN)):
             if account_id is None and not p.has(R.ADMIN):
-                if p.has(R.BILLING_STAFF):
-                    raise bad_input("Billing staff must name an accountId.")
-                raise forbidden("Only account admins may see the account's credits.")
+                raise bad_input("Billing staff must name an accountId.")
             target = p.account_id
-        elif p.has(R.BILLING_STAFF):
+        elif scope is Reach.ANY:
             target = str(account_id)
-            if not 0 < len(target) <= 64:
-                raise bad_input("accountId must be 1 to 64 characters")
+            if not valid_account_id(target):
+                raise bad_input(ACCOUNT_ID_RULE)
         else:
             raise forbidden("You may see only your own account.")
         return CreditAccount(model=await get_account(target))
@@ -285,10 +284,14 @@ def _card_id(raw: strawberry.ID | None) -> uuid.UUID | None:
     return ids.decode("Card", str(raw)) if raw else None
 
 
-def _scope(info: CtxInfo) -> str | None:
-    """Whose cards the caller may touch: its own account, or (staff) any."""
-    ctx = info.context
-    return None if ctx.is_staff else ctx.principal.account_id
+def _op(info: CtxInfo) -> str:
+    """The operation's coordinate in ``api.permissions.TABLE``."""
+    return f"{info.path.typename}.{info.field_name}"
+
+
+def _scope(info: CtxInfo, scope: Reach) -> str | None:
+    """Whose cards (or entries) the caller may touch: its own account's, or (staff) any."""
+    return None if scope is Reach.ANY else info.context.principal.account_id
 
 
 @strawberry.type
@@ -296,7 +299,7 @@ class Mutation:
     @strawberry.mutation
     async def add_card(self, info: CtxInfo, input: AddCardInput) -> CardPayload:
         ctx = info.context
-        ctx.require(R.ADMIN)
+        ctx.permitted(_op(info))
         result = await attempt(
             lambda: cards.add_card(
                 ctx.gateway,
@@ -312,14 +315,14 @@ class Mutation:
     @strawberry.mutation
     async def update_card(self, info: CtxInfo, input: UpdateCardInput) -> CardPayload:
         ctx = info.context
-        ctx.require(R.ADMIN, R.BILLING_STAFF)
+        scope = ctx.permitted(_op(info))
         address = input.billing_address
         result = await attempt(
             lambda: in_tx(
                 lambda: cards.update(
                     ctx.gateway,
                     card_id=_card_id(input.card_id),
-                    scope_account_id=_scope(info),
+                    scope_account_id=_scope(info, scope),
                     exp_month=input.exp_month,
                     exp_year=input.exp_year,
                     cardholder_name=input.cardholder_name,
@@ -343,11 +346,13 @@ class Mutation:
     @strawberry.mutation
     async def set_primary_card(self, info: CtxInfo, input: CardIdInput) -> CardPayload:
         ctx = info.context
-        ctx.require(R.ADMIN, R.BILLING_STAFF)
+        scope = ctx.permitted(_op(info))
         result = await attempt(
             lambda: in_tx(
                 lambda: cards.set_primary(
-                    ctx.gateway, card_id=_card_id(input.card_id), scope_account_id=_scope(info)
+                    ctx.gateway,
+                    card_id=_card_id(input.card_id),
+                    scope_account_id=_scope(info, scope),
                 )
             )
         )
@@ -358,13 +363,13 @@ class Mutation:
     @strawberry.mutation
     async def remove_card(self, info: CtxInfo, input: CardIdInput) -> RemoveCardPayload:
         ctx = info.context
-        ctx.require(R.ADMIN, R.BILLING_STAFF)
+        scope = ctx.permitted(_op(info))
         result = await attempt(
             lambda: cards.remove_card(
                 ctx.gateway,
                 card_id=_card_id(input.card_id),
-                scope_account_id=_scope(info),
-                is_staff=ctx.is_staff,
+                scope_account_id=_scope(info, scope),
+                is_staff=scope is Reach.ANY,
             )
         )
         if isinstance(result, list):
@@ -381,7 +386,7 @@ class Mutation:
         input: PurchaseCreditsInput,
     ) -> PurchaseCreditsPayload:
         ctx = info.context
-        ctx.require(R.ADMIN)
+        ctx.permitted(_op(info))
         given = input.card_id is not strawberry.UNSET and input.card_id is not None
         result = await changing(
             info,
@@ -409,7 +414,7 @@ class Mutation:
         input: ConfirmPurchaseInput,
     ) -> PurchaseCreditsPayload:
         ctx = info.context
-        ctx.require(R.ADMIN)
+        ctx.permitted(_op(info))
         result = await changing(
             info,
             lambda: purchases.confirm_purchase(
@@ -427,7 +432,7 @@ class Mutation:
         input: AutoRechargeInput,
     ) -> AutoRechargePayload:
         ctx = info.context
-        ctx.require(R.ADMIN)
+        ctx.permitted(_op(info))
         given = input.card_id is not strawberry.UNSET and input.card_id is not None
         data = autorecharge.AutoRechargeInput(
             enabled=input.enabled,
@@ -459,8 +464,8 @@ class Mutation:
         input: ConsumeCreditsInput,
     ) -> ConsumeCreditsPayload:
         ctx = info.context
-        ctx.require(R.SERVICE)
-        ctx.own_account_or_forbidden(str(input.account_id))
+        scope = ctx.permitted(_op(info))
+        ctx.own_account_or_forbidden(str(input.account_id), scope)
         result = await changing(
             info,
             lambda: usage.consume(  # owns its transaction (one statement when it can)
@@ -494,11 +499,11 @@ class Mutation:
         inputs: list[ConsumeCreditsInput],
     ) -> list[ConsumeCreditsPayload]:
         ctx = info.context
-        ctx.require(R.SERVICE)
+        scope = ctx.permitted(_op(info))
         if not 1 <= len(inputs) <= batch.MAX_BATCH:
             raise bad_input(f"inputs must hold 1 to {batch.MAX_BATCH:,} items")
         for item in inputs:
-            ctx.own_account_or_forbidden(str(item.account_id))
+            ctx.own_account_or_forbidden(str(item.account_id), scope)
         items = [
             batch.SpendItem(
                 account_id=str(i.account_id),
@@ -533,7 +538,7 @@ class Mutation:
         input: ReverseUsageInput,
     ) -> CreditTransactionPayload:
         ctx = info.context
-        ctx.require(R.SERVICE, R.BILLING_STAFF)
+        scope = ctx.permitted(_op(info))
         result = await changing(
             info,
             lambda: in_tx(
@@ -542,7 +547,7 @@ class Mutation:
                     reason=input.reason,
                     idempotency_key=input.idempotency_key,
                     user_id=ctx.principal.user_id,
-                    scope_account_id=_scope(info),
+                    scope_account_id=_scope(info, scope),
                 )
             ),
         )
@@ -559,8 +564,8 @@ class Mutation:
         input: RecordMeteredUsageInput,
     ) -> MeteredUsagePayload:
         ctx = info.context
-        ctx.require(R.SERVICE)
-        ctx.own_account_or_forbidden(str(input.account_id))
+        scope = ctx.permitted(_op(info))
+        ctx.own_account_or_forbidden(str(input.account_id), scope)
         result = await attempt(
             lambda: in_tx(
                 lambda: usage.record_metered(
@@ -604,7 +609,7 @@ class Mutation:
         input: LowBalanceAlertInput,
     ) -> LowBalanceAlertPayload:
         ctx = info.context
-        ctx.require(R.ADMIN)
+        ctx.permitted(_op(info))
         result = await changing(
             info,
             lambda: in_tx(
@@ -638,7 +643,7 @@ class Subscription:
         self, info: CtxInfo
     ) -> AsyncGenerator[CreditBalanceChange, None]:
         ctx = info.context
-        ctx.require(R.ADMIN)  # refused before the stream starts: an `error` message
+        ctx.permitted(_op(info))
         return _balance_changes(info)
 
 
@@ -716,7 +721,7 @@ async def _staff_credits(
     adjust: bool,
 ) -> CreditTransactionPayload:
     ctx = info.context
-    ctx.require(R.BILLING_STAFF)
+    ctx.permitted(_op(info))
     result = await changing(
         info,
         lambda: in_tx(
@@ -746,18 +751,15 @@ def should_mask_error(error: GraphQLError) -> bool:
 
 # Room to spare for the billing page, the platform services and GraphiQL's introspection
 # query (tests/test_hardening.py checks them); abusive documents are refused before they run.
-MAX_QUERY_DEPTH = 10
-MAX_ALIASES = 15
+# The depth, alias and field budgets are api/cost.py's.
 MAX_TOKENS = 2_000
+__all__ = ["MAX_ALIASES", "MAX_FIELDS", "MAX_QUERY_DEPTH", "MAX_TOKENS", "build_schema", "schema"]
 
 
 def hardening_rules(settings: Settings | None = None) -> list[type[ASTValidationRule]]:
-    """Strawberry's depth and alias limiters' rules, and no introspection when
-    ``settings`` turn it off."""
-    rules = [
-        *QueryDepthLimiter(max_depth=MAX_QUERY_DEPTH).validation_rules,
-        *MaxAliasesLimiter(max_alias_count=MAX_ALIASES).validation_rules,
-    ]
+    """The document's cost (depth, aliases, fields: one linear walk), and no
+    introspection when ``settings`` turn it off."""
+    rules: list[type[ASTValidationRule]] = [CostLimit]
     if settings is not None and not settings.introspection_enabled:
         rules.append(NoSchemaIntrospectionCustomRule)
     return rules
@@ -766,23 +768,31 @@ def hardening_rules(settings: Settings | None = None) -> list[type[ASTValidation
 def build_schema(settings: Settings | None = None) -> strawberry.Schema:
     """The schema with its hardening. Introspection follows ``settings`` (on without them:
     ``make schema`` exports the default ``schema`` below)."""
-    rules = hardening_rules(settings)  # made once per schema, so ValidationCache can hit
+    rules = hardening_rules(settings)  # made once per schema, so the validation cache hits
+    hide = settings is not None and not settings.suggestions_enabled
     extensions: list[Callable[[], SchemaExtension]] = [
         MetricsExtension,  # first: it times everything the others do
         lambda: MaxTokensLimiter(max_token_count=MAX_TOKENS),
         ParserCache,
         lambda: AddValidationRules(rules),
-        ValidationCache,
+        lambda: CachedValidation(hide_suggestions=hide),
+        FreshToken,  # a websocket's token is checked again for each operation
+        OperationNameRequired,  # several operations need an operationName
+        Permissions,  # api/permissions.py's table, for every operation, before it runs
         TextGuard,  # no lone surrogate or NUL reaches the database
         SubscriptionsOverWebsocket,  # a subscription POSTed is refused, not a null
         lambda: MaskErrors(should_mask_error=should_mask_error, error_message="Internal error."),
     ]
-    return strawberry.Schema(
+    return BoundedSchema(
         query=Query,
         mutation=Mutation,
         subscription=Subscription,
         types=[Role],
         extensions=extensions,
+        operation_timeout_seconds=settings.operation_timeout_seconds
+        if settings is not None
+        else DEFAULT_OPERATION_TIMEOUT_SECONDS,
+        hide_suggestions=hide,
     )
 
 

@@ -21,9 +21,17 @@ def _id_ok(value: str, limit: int) -> bool:
     return 0 < len(value) <= limit and value.isprintable() and value.strip() == value
 
 
+ACCOUNT_ID_RULE = f"accountId must be 1 to {MAX_ACCOUNT_ID} printable characters"
+
+
+def valid_account_id(account_id: str) -> bool:
+    """The one rule for an account id, on every path (tokens, queries, reports, spends)."""
+    return _id_ok(account_id, MAX_ACCOUNT_ID)
+
+
 def validate_account_id(v: Validator, account_id: str, *field: str) -> None:
-    if not _id_ok(account_id, MAX_ACCOUNT_ID):
-        v.add(f"accountId must be 1 to {MAX_ACCOUNT_ID} printable characters", *field)
+    if not valid_account_id(account_id):
+        v.add(ACCOUNT_ID_RULE, *field)
 
 
 def validate_user_id(v: Validator, user_id: str, *field: str) -> None:
@@ -61,8 +69,10 @@ def forget_cached_accounts() -> None:
 
 
 async def get_account(account_id: str) -> Account:
-    await ensure_account(account_id)
-    return await Account.get(id=account_id)
+    """The account, for reading: one never seen is shown at a zero balance, and a read
+    creates nothing (the first token, spend or grant that names it does)."""
+    found = await Account.get_or_none(id=account_id)
+    return found if found is not None else Account(id=account_id)
 
 
 async def record_member(

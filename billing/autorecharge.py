@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 from billing import cards, recharge, sql
+from billing import emails as emails_lib
 from billing.accounts import ensure_account
 from billing.enums import AutoRechargeTrigger, ErrorCode
 from billing.errors import Validator, fail
@@ -18,7 +18,6 @@ from billing.pricing import PriceBook
 
 MAX_INTERVAL_DAYS = 365
 MAX_NOTIFY_EMAILS = 10
-_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}\.[^@\s]{2,63}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +74,7 @@ def _validate(v: Validator, data: AutoRechargeInput, book: PriceBook) -> None:
     if len(emails) > MAX_NOTIFY_EMAILS:
         v.add(f"at most {MAX_NOTIFY_EMAILS} notifyEmails", "notifyEmails")
     for i, email in enumerate(emails):
-        if len(email) > 320 or not _EMAIL.match(email):
+        if emails_lib.normalized(email) is None:
             v.add(f"not an e-mail address: {email[:80]!r}", "notifyEmails", str(i))
     if not data.use_primary_card and not data.card_id_given:
         v.add("cardId is required when usePrimaryCard is false", "cardId")

@@ -20,7 +20,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import aiosmtplib
 
-from billing import clock
+from billing import clock, emails
 from billing.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,9 +49,14 @@ def _one_line(value: str) -> str:
 def build_message(
     *, mail_from: str, to: list[str], subject: str, body: str, message_id: str
 ) -> EmailMessage:
+    checked = [a for a in (emails.normalized(address) for address in to) if a is not None]
+    if len(checked) < len(to):  # never a header from an address not checked
+        log.warning("dropped %d recipient(s) that are not e-mail addresses", len(to) - len(checked))
+    if not checked:
+        raise ValueError("no valid recipient")
     msg = EmailMessage()
     msg["From"] = mail_from
-    msg["To"] = ", ".join(to)
+    msg["To"] = ", ".join(checked)
     msg["Subject"] = _one_line(subject)  # a header never carries a line break
     msg["Date"] = format_datetime(clock.now())
     msg["Message-ID"] = message_id

@@ -44,6 +44,21 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: int = Field(default=30, ge=0, le=3600)  # finish in-flight work
     # POST /graphql bodies larger than this are refused with 413 (never read in full).
     max_body_bytes: int = Field(default=1_000_000, ge=1_024, le=100_000_000)
+    # Every GraphQL query or mutation (HTTP or websocket) is stopped after this long.
+    operation_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
+    # GraphQL's "Did you mean …?" hints (None: on in development, off in production).
+    graphql_suggestions: bool | None = None
+    # A request's line and headers larger than this are refused (uvicorn's h11).
+    max_header_bytes: int = Field(default=32_768, ge=4_096, le=1_048_576)
+    # A request's line and headers not received within this long: the connection is closed.
+    header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    # A keep-alive connection idle this long is closed.
+    keep_alive_seconds: float = Field(default=5.0, gt=0, le=300)
+    # A request body not received in full within this long is refused with 408.
+    body_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
+    # GET /metrics needs this bearer token when set; in production without it, /metrics
+    # is not served on the public listener at all.
+    metrics_token: SecretStr | None = None
     worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)  # arq /metrics
     smtp_url: str | None = None  # None: e-mails are written to the log (billing.mailer)
     mail_from: str = "Purchase Credits <credits@localhost>"
@@ -116,6 +131,12 @@ class Settings(BaseSettings):
     def introspection_enabled(self) -> bool:
         if self.graphql_introspection is not None:
             return self.graphql_introspection
+        return not self.is_production
+
+    @property
+    def suggestions_enabled(self) -> bool:
+        if self.graphql_suggestions is not None:
+            return self.graphql_suggestions
         return not self.is_production
 
     @property

@@ -59,17 +59,23 @@ HANDLED = frozenset(
 )
 
 
-async def record(source: str, event: dict[str, Any]) -> int | None:
-    """Store an event once; return its row id if this call stored it (then enqueue it)."""
+async def record(source: str, event: dict[str, Any], *, rejected: str | None = None) -> int | None:
+    """Store an event once; return its row id if this call stored it (then enqueue it).
+    A ``rejected`` event (signed, but malformed) is stored as done, with the reason: kept
+    for the record, never processed."""
     sql.connection()
+    now = sql.now()
     rows = await sql.fetch(
-        "INSERT INTO gateway_event (source, external_id, type, payload, received_at, attempts) "
-        "VALUES (?, ?, ?, ?, ?, 0) ON CONFLICT (source, external_id) DO NOTHING RETURNING id",
+        "INSERT INTO gateway_event (source, external_id, type, payload, received_at, attempts, "
+        "processed_at, last_error) "
+        "VALUES (?, ?, ?, ?, ?, 0, ?, ?) ON CONFLICT (source, external_id) DO NOTHING RETURNING id",
         source,
         str(event["id"]),
         str(event.get("type", ""))[:100],
         json.dumps(event),
-        sql.now(),
+        now,
+        now if rejected is not None else None,
+        f"rejected: {rejected}"[:500] if rejected is not None else None,
     )
     return int(rows[0]["id"]) if rows else None
 

@@ -257,6 +257,16 @@ INVALID = [
         [("VALIDATION", ["notifyEmails", "1"])],
         id="bad-email",
     ),
+    pytest.param(  # the message's headers ended early, the subject fell into the body
+        {**THRESHOLD, "notifyEmails": ["a@b.com\n", "ok@example.com", "a@b.com\r\nBcc: x@y.com"]},
+        [("VALIDATION", ["notifyEmails", "0"]), ("VALIDATION", ["notifyEmails", "2"])],
+        id="header-injection",
+    ),
+    pytest.param(  # two recipients in one
+        {**THRESHOLD, "notifyEmails": ["x,y<z>@b.com", "Ann <ann@example.com>"]},
+        [("VALIDATION", ["notifyEmails", "0"]), ("VALIDATION", ["notifyEmails", "1"])],
+        id="several-in-one",
+    ),
     pytest.param(
         {**THRESHOLD, "notifyEmails": ["two@@example.com", "ok@example.com", "a b@example.com"]},
         [("VALIDATION", ["notifyEmails", "0"]), ("VALIDATION", ["notifyEmails", "2"])],

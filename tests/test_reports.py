@@ -532,3 +532,42 @@ async def walk_first(who: Caller, flt: dict[str, Any] | None) -> list[Node]:
 
     conn = await history(who, filter=flt, first=5)
     return [e["node"] for e in conn["edges"]]
+
+
+DISGUISED = [
+    '\n=HYPERLINK("http://x")',  # a line break first
+    "  =1+1",  # leading spaces
+    "\ufeff=1+1",  # a byte-order mark
+    "\u200b+SUM(1)",  # a zero-width space
+    "\uff1dSUM(1)",  # a full-width equals sign
+    "\u3000@cmd",  # an ideographic space, then @
+]
+
+
+async def test_disguised_formulas_are_neutralised(
+    admin: Caller, staff: Caller, service: Caller
+) -> None:
+    """Current guidance on CSV injection: a formula behind blanks, invisible characters or
+    full-width signs still runs in some spreadsheets."""
+    await admin.gql("{ viewer { userId } }")
+    data = await staff.gql(
+        GRANT,
+        {
+            "input": {
+                "accountId": admin.account_id,
+                "credits": 1000,
+                "reason": "funds",
+                "idempotencyKey": key(),
+            }
+        },
+    )
+    assert data["grantCredits"]["errors"] == []
+    written = []
+    for text in DISGUISED:
+        spent = await consume(service, "POSTCARD", reference=text)
+        if spent["errors"] == []:
+            written.append(text)
+    assert len(written) >= 5, written  # the API may refuse a line break in a reference
+    references = [row[8] for row in await report_rows(admin)]
+    for text in written:
+        assert "'" + text in references, (text, references)
