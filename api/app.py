@@ -28,6 +28,7 @@ from strawberry.types.unset import UNSET, UnsetType
 from tortoise.contrib.starlette import RegisterTortoise
 
 from api import metrics as api_metrics
+from api import page
 from api.auth import AuthError, Principal, authenticate, bearer_token
 from api.context import Context
 from api.graphiql import graphiql_page
@@ -385,6 +386,7 @@ def create_app(
             Route("/readyz", readyz),
             Route("/metrics", api_metrics.metrics),
             Route("/reports/transactions.csv", transactions_csv),
+            *page.routes(),  # GET / and /billing: the billing page
         ],
         middleware=[Middleware(RequestIdMiddleware)],
         lifespan=lifespan,

@@ -27,6 +27,12 @@ class Settings(BaseSettings):
     stripe_api_key: SecretStr | None = None
     stripe_webhook_secret: SecretStr | None = None
     stripe_api_base: str | None = None
+    # The billing page (GET /billing): Stripe Elements under the stripe gateway needs the
+    # publishable key; Stripe.js loads from Stripe (STRIPE_JS_URL only for a test stand-in).
+    stripe_publishable_key: str | None = None
+    stripe_js_url: str | None = None
+    support_contact: str = "accounting@leadliaison.com"  # whom the page says to ask
+    page_frame_ancestors: str | None = None  # origins that may embed the page (CSP)
     job_queue: Literal["inprocess", "arq"] = "inprocess"
     periodic_seconds: float = 60.0  # in-process cron (embedded default); 0 turns it off
     host: str = "127.0.0.1"

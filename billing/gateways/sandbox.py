@@ -179,3 +179,28 @@ class SandboxGateway:
             for key, value in list(self._charges.items()):
                 if value.gateway_payment_id == gateway_payment_id:
                     self._charges[key] = done
+
+    def authenticate(self, client_secret: str, *, approve: bool) -> bool:
+        """The sandbox's 3-D Secure challenge, answered in the billing page: approve or fail
+        the payment whose client secret this is. False if no such payment awaits it."""
+        intent_id = client_secret.split("_secret_", 1)[0]
+        result = self._by_id.get(intent_id)
+        if result is None or result.client_secret != client_secret:
+            return False
+        if result.status is not ChargeStatus.REQUIRES_ACTION:
+            return False
+        if approve:
+            self.complete_authentication(intent_id)
+            return True
+        failed = ChargeResult(
+            ChargeStatus.FAILED,
+            intent_id,
+            failure_code="authentication_failed",
+            decline_code="authentication_failed",
+            failure_message="The cardholder did not complete 3-D Secure authentication.",
+        )
+        self._by_id[intent_id] = failed
+        for key, value in list(self._charges.items()):
+            if value.gateway_payment_id == intent_id:
+                self._charges[key] = failed
+        return True
