@@ -48,7 +48,7 @@ check-schema: $(STAMP)
 	diff -u schema.graphql $(VENV)/schema.check.graphql
 
 token: $(STAMP)
-	@$(PY) -m api.devtoken --account $${ACCOUNT:-acme} --user $${USER_ID:-admin-1} --roles $${ROLES:-ADMIN} --email $${EMAIL:-admin@example.com}
+	@$(PY) -m api.devtoken --account $${ACCOUNT:-acme} --user $${USER_ID:-admin-1} --roles $${ROLES:-ADMIN} --email $${EMAIL:-admin@example.com} $(if $(HEADERS),--headers)
 
 migrate: $(STAMP)
 	$(PY) -m api --migrate-only

@@ -69,9 +69,9 @@ async def billing_page(request: Request) -> Response:
         parts = urlsplit(config["stripeJs"])
         stripe_origin = f"{parts.scheme}://{parts.netloc}"
     csp = _CSP.format(
-        stripe=stripe_origin or "'none'",
+        stripe=stripe_origin,
         ancestors=services.settings.page_frame_ancestors or "'none'",
-    ).replace("'self' 'none'", "'self'")
+    ).replace("frame-src ;", "frame-src 'none';")
     return HTMLResponse(
         html,
         headers={
