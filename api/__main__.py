@@ -11,8 +11,8 @@ import uvicorn
 
 from api.auth import issue_token
 from billing import logs
-from billing.enums import Role
 from billing.db import migrate
+from billing.enums import Role
 from billing.settings import Settings, get_settings
 
 
