@@ -4,7 +4,6 @@ columns, keyset pages); no ledger entry is loaded into Python."""
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -19,7 +18,6 @@ from billing.history import Position
 from billing.invoices import zone_name
 from billing.models import Account, Payment
 from billing.pricing import PriceBook
-from billing.quota import month_bounds
 
 MAX_USAGE_DAYS = 400
 MAX_PAYMENT_PAGE = 100
@@ -72,39 +70,40 @@ async def usage(
     """Buckets with any use in [start, end), oldest first (inputs validated, UTC).
 
     ``units`` counts every unit used: paid ones from the ledger (net of reversals), free
-    ones, and metered ones. Free units: for MONTH, the month's free-quota counter (exact);
-    for DAY, those of the uses that were partly free (a use wholly covered by the free quota
-    writes no ledger entry, so it shows only in the monthly figure)."""
+    ones (``free_quota_hour``, kept by a trigger on the monthly counter: a wholly free use
+    writes no ledger entry) and metered ones."""
     tz = ZoneInfo(zone_name(account.timezone))
     postgres = sql.is_postgres(sql.connection())
     per_unit = _per_unit_case(book)
-    usage_types = (TransactionType.USAGE.value, TransactionType.REVERSAL.value)
-    if postgres:
-        # Exact local midnights (or 1sts) from the database itself.
-        unit = "month" if interval is UsageInterval.MONTH else "day"
-        key = f"date_trunc('{unit}', created_at AT TIME ZONE '{_quoted(tz.key)}')"
-    else:
+
+    def key(column: str) -> str:
+        if postgres:  # exact local midnights (or 1sts) from the database itself
+            unit = "month" if interval is UsageInterval.MONTH else "day"
+            return f"date_trunc('{unit}', {column} AT TIME ZONE '{_quoted(tz.key)}')"
         # SQLite has no time zones: group by the UTC hour, fold the hours into local
         # intervals below (a zone with a half-hour offset is off by that half hour).
-        key = "substr(created_at, 1, 13)"
+        return f"substr({column}, 1, 13)"
+
     ledger_rows = await sql.fetch(
-        f"SELECT {key} AS k, process_type, "
-        f"SUM(CASE WHEN type = ? THEN COALESCE(quantity, 0) ELSE -credits / {per_unit} END)"
-        " AS units, "
-        f"SUM(CASE WHEN type = ? THEN COALESCE(quantity, 0) + credits / {per_unit} ELSE 0 END)"
-        " AS free_units, "
-        "SUM(-credits) AS credits "
+        f"SELECT {key('created_at')} AS k, process_type, "
+        f"SUM(-credits / {per_unit}) AS units, SUM(-credits) AS credits "
         "FROM ledger_entry WHERE account_id = ? AND type IN (?, ?) "
         "AND created_at >= ? AND created_at < ? GROUP BY 1, 2",
-        TransactionType.USAGE.value,
-        TransactionType.USAGE.value,
         account.id,
-        *usage_types,
+        TransactionType.USAGE.value,
+        TransactionType.REVERSAL.value,
         start,
         end,
     )
+    free_rows = await sql.fetch(
+        f"SELECT {key('hour_start')} AS k, process_type, SUM(used) AS used "
+        "FROM free_quota_hour WHERE account_id = ? AND hour_start >= ? AND hour_start < ? "
+        "GROUP BY 1, 2",
+        account.id,
+        *((start, end) if postgres else (_hour_text(start), _hour_text(end))),
+    )
     metered_rows = await sql.fetch(
-        f"SELECT {key} AS k, process_type, SUM(quantity) AS units, "
+        f"SELECT {key('created_at')} AS k, process_type, SUM(quantity) AS units, "
         "SUM(amount_cents) AS cents FROM metered_usage "
         "WHERE account_id = ? AND created_at >= ? AND created_at < ? GROUP BY 1, 2",
         account.id,
@@ -115,67 +114,46 @@ async def usage(
     def local_start(raw: object) -> datetime:
         if postgres:
             assert isinstance(raw, datetime)
-            naive = raw.replace(tzinfo=None)
-            return naive.replace(tzinfo=tz)
+            return raw.replace(tzinfo=tz)
         hour = datetime.strptime(str(raw), "%Y-%m-%d %H").replace(tzinfo=UTC)
         return _bucket_start(hour.astimezone(tz), interval)
 
     buckets: dict[tuple[datetime, ProcessType], UsageBucket] = {}
 
-    def bucket(raw_start: datetime, process: str) -> UsageBucket:
-        at = raw_start.astimezone(UTC)
-        pt = ProcessType(process)
+    def bucket(row: dict[str, object]) -> UsageBucket:
+        at = local_start(row["k"]).astimezone(UTC)
+        pt = ProcessType(str(row["process_type"]))
         found = buckets.get((at, pt))
         if found is None:
             found = buckets[(at, pt)] = UsageBucket(at, pt)
         return found
 
     for row in ledger_rows:
-        b = bucket(local_start(row["k"]), row["process_type"])
+        b = bucket(row)
         b.units += int(row["units"] or 0)
-        b.free_units += max(0, int(row["free_units"] or 0))
         b.credits += int(row["credits"] or 0)
+    for row in free_rows:
+        b = bucket(row)
+        b.units += int(row["used"] or 0)
+        b.free_units += int(row["used"] or 0)
     for row in metered_rows:
-        b = bucket(local_start(row["k"]), row["process_type"])
+        b = bucket(row)
         b.units += int(row["units"] or 0)
         b.metered_cents += int(row["cents"] or 0)
-    if interval is UsageInterval.MONTH:
-        await _add_monthly_free_units(account, start, end, tz, buckets)
     return sorted(
         (b for b in buckets.values() if b.units or b.free_units or b.credits or b.metered_cents),
         key=lambda b: (b.start, b.process_type.value),
     )
 
 
-async def _add_monthly_free_units(
-    account: Account,
-    start: datetime,
-    end: datetime,
-    tz: ZoneInfo,
-    buckets: dict[tuple[datetime, ProcessType], UsageBucket],
-) -> None:
-    """A month's free units are its free-quota counter (uses wholly free included)."""
-    first, _ = month_bounds(start, tz.key)
-    counters = await sql.fetch(
-        "SELECT process_type, period_start, used FROM free_quota_usage "
-        "WHERE account_id = ? AND period_start >= ? AND period_start < ? AND used > 0",
-        account.id,
-        first,
-        end,
-    )
-    monthly: dict[tuple[datetime, ProcessType], int] = defaultdict(int)
-    for row in counters:
-        at = row["period_start"]
-        if isinstance(at, str):
-            at = datetime.fromisoformat(at)
-        monthly[(at.astimezone(UTC), ProcessType(row["process_type"]))] += int(row["used"])
-    for (at, pt), used in monthly.items():
-        found = buckets.get((at, pt))
-        if found is None:
-            found = buckets[(at, pt)] = UsageBucket(at, pt)
-        # The ledger saw only the partly free uses: the rest were wholly free.
-        found.units += max(0, used - found.free_units)
-        found.free_units = used
+def _hour_text(at: datetime) -> str:
+    """SQLite's free_quota_hour key for the hour containing ``at`` (the bound rounded up
+    when it falls inside an hour, so [start, end) keeps whole hours)."""
+    utc = at.astimezone(UTC)
+    floor = utc.replace(minute=0, second=0, microsecond=0)
+    if floor != utc:
+        floor += timedelta(hours=1)
+    return floor.strftime("%Y-%m-%d %H")
 
 
 def _quoted(zone: str) -> str:

@@ -263,14 +263,18 @@ async def test_usage_by_day_and_month_with_free_and_metered_units(
     assert by_type["POSTCARD"] == {**by_type["POSTCARD"], "units": 2, "credits": 24}
     assert by_type["PREMIUM_AUDIO_TRANSCRIPTION"]["units"] == 4
     assert by_type["PREMIUM_AUDIO_TRANSCRIPTION"]["meteredCents"] == 100
-    # by day, the partly free use's free units (a wholly free use writes no entry)
-    assert by_type["SMART_MATCH"]["credits"] == 50
-    assert by_type["SMART_MATCH"]["freeUnits"] == 200
+    # free units too, the wholly free use's included (it wrote no ledger entry)
+    assert by_type["SMART_MATCH"] == {
+        **by_type["SMART_MATCH"],
+        "units": 550,
+        "freeUnits": 500,
+        "credits": 50,
+        "meteredCents": 0,
+    }
 
     months = (await admin.gql(USAGE, {**window, "interval": "MONTH"}))["creditAccount"]["usage"]
     smart = next(b for b in months if b["processType"] == "SMART_MATCH")
-    assert smart["freeUnits"] == 500  # the month's free-quota counter: every free unit
-    assert smart["units"] == 550
+    assert (smart["freeUnits"], smart["units"], smart["credits"]) == (500, 550, 50)
     assert datetime.fromisoformat(smart["start"]) == today.replace(day=1)
 
 
