@@ -164,7 +164,7 @@ class Billing:
         dialog.get_by_label("Number of credits").fill(str(credits))
         if card is not None:
             dialog.get_by_label("Card").select_option(label=card)
-        expect(self.page.locator("#buy-price")).not_to_have_text("–")
+        expect(self.page.locator("#buy-price")).not_to_have_text("\u2013")
         self.button("Purchase").click()
         self.button("Confirm purchase").click()
 
