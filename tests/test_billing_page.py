@@ -130,8 +130,10 @@ class Billing:
         page.on("dialog", lambda d: d.accept())  # "Remove this card?"
         page.on(
             "request",
-            lambda r: urlsplit(r.url).hostname not in ("127.0.0.1", None)
-            and self.problems.append(f"went elsewhere: {r.url}"),
+            lambda r: (
+                urlsplit(r.url).hostname not in ("127.0.0.1", None)
+                and self.problems.append(f"went elsewhere: {r.url}")
+            ),
         )
 
     def open(self, token: str) -> None:
@@ -497,9 +499,7 @@ def test_buying_by_keyboard_alone(billing: Billing) -> None:
     expect(billing.balance()).to_have_text("400")
 
 
-def test_no_serious_accessibility_violations(
-    browser_context: BrowserContext, server: str
-) -> None:
+def test_no_serious_accessibility_violations(browser_context: BrowserContext, server: str) -> None:
     """axe-core (vendored for the tests) on every state of the page, at phone width too."""
     browser = browser_context.browser
     assert browser is None  # a persistent context: open a CSP-bypassing context of our own
