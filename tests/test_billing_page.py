@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from playwright.sync_api import BrowserContext, Page, expect, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
 from api.auth import issue_token
 from billing.enums import Role
@@ -88,20 +88,22 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def browser_context(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrowserContext]:
+def browser() -> Iterator[Browser]:
     with sync_playwright() as p:
-        context = p.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("profile")),
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=FLAGS,
-            accept_downloads=True,
-            viewport={"width": 1100, "height": 900},
-        )
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=FLAGS)
         try:
-            yield context
+            yield b
         finally:
-            context.close()
+            b.close()
+
+
+@pytest.fixture(scope="module")
+def browser_context(browser: Browser) -> Iterator[BrowserContext]:
+    context = browser.new_context(accept_downloads=True, viewport={"width": 1100, "height": 900})
+    try:
+        yield context
+    finally:
+        context.close()
 
 
 def _token(account: str, *roles: Role, user: str = "ada", ttl: int = 3600) -> str:
@@ -430,7 +432,7 @@ def test_report_filters_search_csv_and_chart(billing: Billing) -> None:
     filters.get_by_label("Transaction type").select_option(label="Purchase")
     expect(rows).to_have_count(1)
     filters.get_by_label("Transaction type").select_option(label="All types")
-    filters.get_by_label("Search").fill("letter")
+    filters.get_by_label("Search", exact=True).fill("letter")
     expect(rows).to_have_count(1)
     expect(rows.first).to_contain_text("Handwritten letter")
     billing.shot("10-report-search")
@@ -443,7 +445,7 @@ def test_report_filters_search_csv_and_chart(billing: Billing) -> None:
         ("USAGE", "HANDWRITTEN_LETTER", "-35")
     ]
 
-    filters.get_by_label("Search").fill("")
+    filters.get_by_label("Search", exact=True).fill("")
     expect(rows).to_have_count(4)
     usage = page.locator("#usage-table tbody tr")
     expect(usage).to_have_count(3)
@@ -499,48 +501,44 @@ def test_buying_by_keyboard_alone(billing: Billing) -> None:
     expect(billing.balance()).to_have_text("400")
 
 
-def test_no_serious_accessibility_violations(browser_context: BrowserContext, server: str) -> None:
-    """axe-core (vendored for the tests) on every state of the page, at phone width too."""
-    browser = browser_context.browser
-    assert browser is None  # a persistent context: open a CSP-bypassing context of our own
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=FLAGS)
-        try:
-            context = b.new_context(bypass_csp=True, viewport={"width": 390, "height": 844})
-            page = context.new_page()
-            account = f"acct-{uuid.uuid4().hex[:10]}"
-            page.goto(f"{server}/billing#token={_token(account)}")
-            expect(page.locator("body")).to_have_attribute("data-ready", "true", timeout=TIMEOUT)
-            page.get_by_role("button", name="Add Credit Card").click()
-            page.get_by_role("button", name="Save", exact=True).click()
-            expect(page.locator("#cards li[data-card]")).to_have_count(1)
-            page.get_by_role("button", name="Manage Purchase Credits", exact=True).click()
-            expect(page.locator("#report-status")).to_contain_text("transactions")
-            page.add_script_tag(content=AXE.read_text(encoding="utf-8"))
-            found: list[str] = []
+def test_no_serious_accessibility_violations(browser: Browser, server: str) -> None:
+    """axe-core (vendored for the tests) on every state of the page, at phone width. Its
+    script is injected, so this context alone bypasses the page's Content-Security-Policy."""
+    context = browser.new_context(bypass_csp=True, viewport={"width": 390, "height": 844})
+    found: list[str] = []
+    try:
+        page = context.new_page()
+        account = f"acct-{uuid.uuid4().hex[:10]}"
+        page.goto(f"{server}/billing#token={_token(account)}")
+        expect(page.locator("body")).to_have_attribute("data-ready", "true", timeout=TIMEOUT)
+        page.get_by_role("button", name="Add Credit Card").click()
+        page.get_by_role("button", name="Save", exact=True).click()
+        expect(page.locator("#cards li[data-card]")).to_have_count(1)
+        page.get_by_role("button", name="Manage Purchase Credits", exact=True).click()
+        expect(page.locator("#report-status")).to_contain_text("transactions")
+        page.add_script_tag(content=AXE.read_text(encoding="utf-8"))
 
-            def check(state: str) -> None:
-                result = page.evaluate(
-                    "async () => (await axe.run(document, {resultTypes: ['violations']}))"
-                    ".violations.filter(v => ['serious', 'critical'].includes(v.impact))"
-                    ".map(v => v.id + ': ' + v.nodes.map(n => n.target.join(' ')).join(', '))"
-                )
-                found.extend(f"{state}: {v}" for v in result)
+        def check(state: str) -> None:
+            result = page.evaluate(
+                "async () => (await axe.run(document, {resultTypes: ['violations']}))"
+                ".violations.filter(v => ['serious', 'critical'].includes(v.impact))"
+                ".map(v => v.id + ': ' + v.nodes.map(n => n.target.join(' ')).join(', '))"
+            )
+            found.extend(f"{state}: {v}" for v in result)
 
-            check("page")
-            page.get_by_role("button", name="Buy Purchase Credits", exact=True).click()
-            check("buy dialog")
-            page.keyboard.press("Escape")
-            page.get_by_role("button", name="Auto-recharge settings").click()
-            check("gear dialog")
-            page.keyboard.press("Escape")
-            page.get_by_role("button", name="Add Credit Card", exact=True).click()
-            check("card dialog")
-            SHOTS.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(SHOTS / "14-phone-width.png"), full_page=True)
-            context.close()
-        finally:
-            b.close()
+        check("page")
+        page.get_by_role("button", name="Buy Purchase Credits", exact=True).click()
+        check("buy dialog")
+        page.keyboard.press("Escape")
+        page.get_by_role("button", name="Auto-recharge settings").click()
+        check("gear dialog")
+        page.keyboard.press("Escape")
+        page.get_by_role("button", name="Add Credit Card", exact=True).click()
+        check("card dialog")
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / "14-phone-width.png"), full_page=True)
+    finally:
+        context.close()
     assert found == []
 
 
