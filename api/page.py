@@ -20,7 +20,6 @@ if TYPE_CHECKING:
 
 STATIC = Path(__file__).with_name("static")
 PAGE_DIR = STATIC / "billing"
-VENDOR_DIR = STATIC / "vendor"
 
 _CSP = "; ".join(
     [
@@ -114,6 +113,6 @@ def routes() -> list[Route | Mount]:
         Route("/", home),
         Route("/billing", billing_page),
         Mount("/billing/static", StaticFiles(directory=PAGE_DIR), name="billing-static"),
-        Mount("/static/vendor", StaticFiles(directory=VENDOR_DIR, check_dir=False), name="vendor"),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),  # GraphiQL's files
         Route("/sandbox/authenticate", sandbox_authenticate, methods=["POST"]),
     ]
