@@ -45,7 +45,8 @@ class Settings(BaseSettings):
     credits_jwt_audience: str | None = None  # when set, tokens must carry this `aud`
     credits_jwt_issuer: str | None = None  # when set, tokens must carry this `iss`
     log_level: str = "INFO"
-    log_format: Literal["json", "text"] = "json"  # JSON lines with the request id
+    # JSON lines with the request id; "auto": readable lines when stderr is a terminal
+    log_format: Literal["json", "text", "auto"] = "auto"
     readiness_timeout_seconds: float = Field(default=2.0, gt=0, le=60)  # per /readyz check
     shutdown_grace_seconds: int = Field(default=30, ge=0, le=3600)  # finish in-flight work
     # POST /graphql bodies larger than this are refused with 413 (never read in full).
