@@ -121,6 +121,14 @@ class CardPayload:
 
 
 @strawberry.type
+class CardSetupPayload:
+    client_secret: str | None = strawberry.field(
+        default=None, description="Pass to Stripe.js confirmCardSetup with the card Element."
+    )
+    errors: list[UserError] = strawberry.field(default_factory=list)
+
+
+@strawberry.type
 class RemoveCardPayload:
     removed_card_id: strawberry.ID | None = None
     primary_card: Card | None = None
@@ -381,6 +389,20 @@ class Mutation:
         if isinstance(result, list):
             return CardPayload(errors=result)
         return CardPayload(card=Card(model=result))
+
+    @strawberry.mutation(
+        description="Start saving a card in the browser (Stripe's SetupIntent): pass the "
+        "clientSecret to Stripe.js confirmCardSetup with the card Element, then addCard with "
+        "the PaymentMethod id it returns. The bank can ask for 3-D Secure while the "
+        "cardholder is there, so later off-session charges (auto-recharge, invoices) succeed."
+    )
+    async def start_card_setup(self, info: CtxInfo) -> CardSetupPayload:
+        ctx = info.context
+        ctx.require(R.ADMIN)
+        result = await attempt(lambda: cards.start_setup(ctx.gateway, ctx.principal.account_id))
+        if isinstance(result, list):
+            return CardSetupPayload(errors=result)
+        return CardSetupPayload(client_secret=result)
 
     @strawberry.mutation
     async def update_card(self, info: CtxInfo, input: UpdateCardInput) -> CardPayload:

@@ -31,7 +31,7 @@ from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_play
 from api.auth import issue_token
 from billing.enums import Role
 from billing.settings import Settings
-from tests.conftest import ROOT, TEST_SECRET
+from tests.conftest import ROOT, TEST_SECRET, WEBHOOK_SECRET
 from tests.gateways import free_port
 from tests.test_graphiql_browser import CHROMIUM, FLAGS
 
@@ -41,19 +41,19 @@ AXE = ROOT / "tests" / "vendor" / "axe.min.js"
 TIMEOUT = 15_000
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def _serve(workdir: Path, **extra: str) -> Iterator[str]:
+    """``python -m api`` on loopback (SQLite in ``workdir``), stopped afterwards."""
     port = free_port()
-    db = tmp_path_factory.mktemp("billing-page") / "credits.sqlite3"
     env = {
         **os.environ,
-        "DATABASE_URL": f"sqlite://{db}",
+        "DATABASE_URL": f"sqlite://{workdir / 'credits.sqlite3'}",
         "PORT": str(port),
         "CREDITS_JWT_SECRET": TEST_SECRET,
         "CREDITS_ENV": "development",
         "PAYMENT_GATEWAY": "sandbox",
         "LOG_LEVEL": "WARNING",
         "PERIODIC_SECONDS": "0",
+        **extra,
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "api"],
@@ -85,6 +85,26 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The embedded default: SQLite and the sandbox gateway."""
+    yield from _serve(tmp_path_factory.mktemp("billing-page"))
+
+
+@pytest.fixture(scope="module")
+def stripe_server(tmp_path_factory: pytest.TempPathFactory, localstripe_url: str) -> Iterator[str]:
+    """The Stripe gateway against localstripe, whose Stripe.js stand-in the page loads."""
+    yield from _serve(
+        tmp_path_factory.mktemp("billing-page-stripe"),
+        PAYMENT_GATEWAY="stripe",
+        STRIPE_API_KEY="sk_test_suite",
+        STRIPE_WEBHOOK_SECRET=WEBHOOK_SECRET,
+        STRIPE_API_BASE=localstripe_url,
+        STRIPE_PUBLISHABLE_KEY="pk_test_suite",
+        STRIPE_JS_URL=f"{localstripe_url}/js.stripe.com/v3/",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -540,6 +560,58 @@ def test_no_serious_accessibility_violations(browser: Browser, server: str) -> N
     finally:
         context.close()
     assert found == []
+
+
+def test_stripe_gateway_page_with_elements_setup_intents_and_3ds(
+    browser_context: BrowserContext, stripe_server: str
+) -> None:
+    """Under PAYMENT_GATEWAY=stripe the card is typed into Stripe Elements (localstripe's
+    stand-in for Stripe.js), saved with a SetupIntent, and 3-D Secure is Stripe.js's."""
+    page = browser_context.new_page()
+    billing = Billing(page, stripe_server, f"acct-{uuid.uuid4().hex[:10]}")
+    try:
+        billing.open(_token(billing.account))
+        billing.ready()
+
+        def add(number: str, *, authenticate: bool = False) -> None:
+            billing.button("Add Credit Card").click()
+            element = page.locator("#card-element")
+            expect(element.get_by_placeholder("number")).to_be_visible(timeout=TIMEOUT)
+            for field, value in (
+                ("number", number),
+                ("exp_month", "12"),
+                ("exp_year", "34"),
+                ("cvc", "123"),
+                ("postal_code", "75240"),
+            ):
+                element.get_by_placeholder(field, exact=True).fill(value)
+            page.locator("#card-dialog").get_by_label("Name on card").fill("Ada Lovelace")
+            billing.button("Save").click()
+            if authenticate:  # the bank's challenge, shown by Stripe.js over the page
+                billing.button("Complete authentication").click()
+
+        add("4242424242424242")
+        cards = page.locator("#cards li[data-card]")
+        expect(cards).to_have_count(1, timeout=TIMEOUT)
+        expect(cards.first).to_contain_text("ending 4242")
+        expect(cards.first).to_contain_text("Ada Lovelace")
+        billing.shot("15-stripe-elements-card")
+
+        billing.buy(200)
+        expect(billing.outcome()).to_contain_text("200 credits added", timeout=TIMEOUT)
+        expect(billing.balance()).to_have_text("200")
+        billing.button("Close").click()
+
+        add("4000002500003155", authenticate=True)
+        expect(cards).to_have_count(2, timeout=TIMEOUT)
+        billing.buy(100, card="Visa ending 3155")
+        billing.button("Complete authentication").click()  # Stripe.js confirmCardPayment
+        expect(billing.outcome()).to_contain_text("100 credits added", timeout=TIMEOUT)
+        expect(billing.balance()).to_have_text("300")
+        billing.shot("16-stripe-3ds-purchased")
+    finally:
+        page.close()
+    assert billing.problems == []
 
 
 def test_root_redirects_to_the_page(server: str) -> None:

@@ -293,3 +293,16 @@ async def test_usage_and_payments_need_the_admin(caller: MakeCaller, account_id:
         USAGE, {"from": (now - timedelta(days=1)).isoformat(), "to": now.isoformat()}
     )
     assert error["extensions"]["code"] == "FORBIDDEN"
+
+
+async def test_start_card_setup_gives_a_setup_intent_secret(
+    admin: Caller, caller: MakeCaller, account_id: str
+) -> None:
+    setup = (await admin.gql("mutation { startCardSetup { clientSecret errors { code } } }"))[
+        "startCardSetup"
+    ]
+    assert setup["errors"] == []
+    assert setup["clientSecret"].startswith("seti_") and "_secret_" in setup["clientSecret"]
+    user = caller(account_id, Role.USER)
+    error = await user.gql_error("mutation { startCardSetup { clientSecret } }")
+    assert error["extensions"]["code"] == "FORBIDDEN"

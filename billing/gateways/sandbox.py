@@ -110,6 +110,11 @@ class SandboxGateway:
         if _kind_of(payment_method_id) is None:
             raise CardRejected(f"No such PaymentMethod: '{payment_method_id}'", unknown=True)
 
+    async def start_card_setup(self, customer_id: str) -> str:
+        """A SetupIntent-shaped secret; the sandbox's page picks a test card instead."""
+        intent = f"seti_sbx_{secrets.token_hex(10)}"
+        return f"{intent}_secret_{secrets.token_hex(8)}"
+
     async def set_default_card(self, customer_id: str, payment_method_id: str) -> None:
         return None
 

@@ -270,11 +270,19 @@ async function saveCard(event) {
       if (!editing) {
         let pm = form.pm.value;
         if (config.gateway === "stripe") {
-          const { paymentMethod, error: e } = await stripe.createPaymentMethod({
-            type: "card", card: cardElement, billing_details: { name: name ?? undefined },
-          });
-          if (e) throw new Error(e.message);
-          pm = paymentMethod.id;
+          // Stripe Elements: the card number goes to Stripe only. A SetupIntent saves it
+          // for later off-session charges (3-D Secure now, if the bank asks).
+          const setup = (await gql(`mutation { startCardSetup { clientSecret ${ERRORS} } }`)).startCardSetup;
+          if (setup.errors.length) throw new Error(setup.errors.map((e) => e.message).join(" "));
+          // Stripe.js may show the bank's challenge over the page: a modal <dialog> would
+          // leave it inert, so the dialog steps aside meanwhile.
+          const dialog = $("#card-dialog");
+          dialog.close();
+          const { setupIntent, error: e } = await stripe.confirmCardSetup(setup.clientSecret, {
+            payment_method: { card: cardElement, billing_details: { name: name ?? undefined } },
+          }).finally(() => dialog.showModal());
+          if (e) throw new Error(e.message || "The card could not be saved.");
+          pm = typeof setupIntent.payment_method === "string" ? setupIntent.payment_method : setupIntent.payment_method.id;
         }
         const added = (await gql(`mutation($pm: String!, $primary: Boolean) { addCard(input: {paymentMethodId: $pm, makePrimary: $primary}) { card { id } ${ERRORS} } }`,
           { pm, primary: form.makePrimary.checked })).addCard;
@@ -400,10 +408,14 @@ async function authenticate(payment) {
   step("challenge");
   if (config.gateway === "stripe") {
     $("#sandbox-3ds").hidden = true;
+    // Stripe.js shows the bank's challenge over the page; a modal <dialog> would leave it
+    // inert, so the dialog steps aside until it is answered.
+    $("#buy-dialog").close();
     try {
       const s = await loadStripe();
       await s.confirmCardPayment(payment.clientSecret);
     } catch (err) { /* the payment's own status says what happened */ }
+    $("#buy-dialog").showModal();
     await finishAuthentication();
   } else {
     $("#sandbox-3ds").hidden = false;
