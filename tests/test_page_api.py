@@ -306,3 +306,29 @@ async def test_start_card_setup_gives_a_setup_intent_secret(
     user = caller(account_id, Role.USER)
     error = await user.gql_error("mutation { startCardSetup { clientSecret } }")
     assert error["extensions"]["code"] == "FORBIDDEN"
+
+
+async def test_usage_counts_free_units_spent_in_a_batch(admin: Caller, service: Caller) -> None:
+    batch = """mutation($inputs: [ConsumeCreditsInput!]!) {
+      consumeCreditsBatch(inputs: $inputs) { freeUnitsApplied errors { code } } }"""
+    inputs = [
+        {
+            "accountId": service.account_id,
+            "userId": "user-1",
+            "processType": "SOCIAL_MEDIA_APPEND",
+            "quantity": 40,
+            "idempotencyKey": key(),
+        }
+        for _ in range(3)
+    ]
+    done = (await service.gql(batch, {"inputs": inputs}))["consumeCreditsBatch"]
+    assert [d["freeUnitsApplied"] for d in done] == [40, 40, 40]
+    now = datetime.now(UTC)
+    window = {
+        "from": (now - timedelta(days=1)).isoformat(),
+        "to": (now + timedelta(days=1)).isoformat(),
+    }
+    buckets = (await admin.gql(USAGE, window))["creditAccount"]["usage"]
+    assert [(b["processType"], b["units"], b["freeUnits"], b["credits"]) for b in buckets] == [
+        ("SOCIAL_MEDIA_APPEND", 120, 120, 0)
+    ]
