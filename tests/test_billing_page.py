@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import re
 import signal
@@ -26,7 +27,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Page, Route, expect, sync_playwright
 
 from api.auth import issue_token
 from billing.enums import Role
@@ -475,6 +476,44 @@ def test_report_filters_search_csv_and_chart(billing: Billing) -> None:
     expect(page.locator("#usage-summary")).to_contain_text("71 credits spent")
     expect(page.locator("#chart svg rect")).to_have_count(3)
     billing.shot("11-report-and-chart")
+
+
+def test_a_purchase_whose_answer_is_lost_is_retried_with_the_same_key(billing: Billing) -> None:
+    """The purchase reaches the service but its answer never reaches the page (a dropped
+    connection): the page offers to try again with the same idempotency key, and the card
+    is charged once."""
+    page = billing.page
+    billing.open(_token(billing.account))
+    billing.ready()
+    billing.add_card("Visa 4242: works")
+    expect(page.locator("#cards li[data-card]")).to_have_count(1)
+    keys: list[str] = []
+
+    def lose_the_answer(route: Route) -> None:
+        body = route.request.post_data or ""
+        if "purchaseCredits" not in body:
+            route.continue_()
+            return
+        keys.append(json.loads(body)["variables"]["input"]["idempotencyKey"])
+        if len(keys) == 1:
+            route.fetch()  # the service does the purchase...
+            route.abort("connectionreset")  # ...and the page never hears of it
+        else:
+            route.continue_()
+
+    page.route("**/graphql", lose_the_answer)
+    billing.buy(300)
+    expect(billing.outcome()).to_contain_text("try again")
+    billing.problems[:] = [p for p in billing.problems if "ERR_CONNECTION_RESET" not in p]
+    billing.button("Try again").click()
+    expect(billing.outcome()).to_contain_text("300 credits added")
+    assert len(keys) == 2 and keys[0] == keys[1]
+    expect(billing.balance()).to_have_text("300")  # charged once
+    page.unroute("**/graphql")
+    billing.button("Close").click()
+    page.reload()
+    billing.ready()
+    expect(billing.balance()).to_have_text("300")
 
 
 def test_non_admin_and_expired_token_screens(billing: Billing) -> None:
