@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -27,7 +28,7 @@ _CSP = "; ".join(
         # Stripe.js must come from Stripe (PCI); localstripe's stand-in in tests.
         "script-src 'self' {stripe}",
         "frame-src {stripe}",
-        "connect-src 'self' ws: wss: {stripe}",
+        "connect-src 'self' {stripe}",  # 'self' covers the same origin's websocket
         "img-src 'self' data:",
         "style-src 'self'",
         "base-uri 'none'",
@@ -51,8 +52,9 @@ def _page_config(services: Services) -> dict[str, object]:
     }
 
 
-async def billing_page(request: Request) -> Response:
-    services: Services = request.app.state.services
+def _render(services: Services) -> tuple[str, str]:
+    """The page with its configuration inlined (a JSON data block, which runs nothing),
+    and its Content-Security-Policy."""
     config = _page_config(services)
     html = (PAGE_DIR / "index.html").read_text(encoding="utf-8")
     html = html.replace(
@@ -63,14 +65,21 @@ async def billing_page(request: Request) -> Response:
     )
     stripe_origin = ""
     if isinstance(config["stripeJs"], str):
-        from urllib.parse import urlsplit
-
         parts = urlsplit(config["stripeJs"])
         stripe_origin = f"{parts.scheme}://{parts.netloc}"
     csp = _CSP.format(
         stripe=stripe_origin,
         ancestors=services.settings.page_frame_ancestors or "'none'",
     ).replace("frame-src ;", "frame-src 'none';")
+    return html, csp
+
+
+async def billing_page(request: Request) -> Response:
+    services: Services = request.app.state.services
+    rendered = getattr(request.app.state, "billing_page", None)
+    if rendered is None:  # once per app: the settings don't change while it runs
+        rendered = request.app.state.billing_page = _render(services)
+    html, csp = rendered
     return HTMLResponse(
         html,
         headers={
