@@ -415,6 +415,16 @@ def test_gear_off_and_on_keeps_its_settings_and_a_threshold_recharge_shows_live(
     billing.button("Save").click()
     expect(state).to_contain_text("Auto-recharge is active")
 
+    # the low-balance e-mail, beside the balance
+    page.get_by_role("button", name="Change the low-balance e-mail").click()
+    alert = page.locator("#alert-dialog")
+    alert.get_by_label("E-mail the admins when the balance falls below a level").check()
+    alert.get_by_label("Level in credits").fill("150")
+    billing.button("Save").click()
+    expect(page.locator("#low-alert")).to_have_text(
+        "Admins are e-mailed when the balance falls below 150 credits."
+    )
+
     # a spend crosses the threshold: the recharge lands, and the page shows it live
     assert _spend(billing.server, billing.account, "HANDWRITTEN_LETTER", 6, "ada") == 90
     expect(billing.balance()).to_have_text("590", timeout=TIMEOUT)

@@ -523,6 +523,37 @@ async function saveGear(event) {
   }
 }
 
+// ---------------------------------------------------------------- the low-balance e-mail
+
+function openAlert() {
+  const alert = state.account.lowBalanceAlert;
+  const form = $("#alert-form");
+  form.enabled.checked = alert.enabled;
+  form.levelCredits.value = alert.levelCredits ?? "";
+  $("#alert-error").textContent = "";
+  $("#alert-dialog").showModal();
+}
+
+async function saveAlert(event) {
+  event.preventDefault();
+  const form = $("#alert-form");
+  const input = { enabled: form.enabled.checked, levelCredits: numberOrNull(form.levelCredits) };
+  try {
+    const payload = await guarded(async () => (await gql(`mutation($input: LowBalanceAlertInput!) { updateLowBalanceAlert(input: $input) { lowBalanceAlert { enabled levelCredits isLow } ${ERRORS} } }`, { input })).updateLowBalanceAlert);
+    if (!payload) return;
+    if (payload.errors.length) {
+      $("#alert-error").textContent = payload.errors.map((e) => e.message).join(" ");
+      return;
+    }
+    state.account.lowBalanceAlert = payload.lowBalanceAlert;
+    renderAccount();
+    $("#alert-dialog").close();
+    $("#alert-edit").focus();
+  } catch (err) {
+    $("#alert-error").textContent = err.message;
+  }
+}
+
 // ---------------------------------------------------------------- Manage Purchase Credits
 
 function frame() {
@@ -660,6 +691,8 @@ function wire() {
   $("#card-form").addEventListener("submit", saveCard);
   $("#gear").addEventListener("click", openGear);
   $("#gear-form").addEventListener("submit", saveGear);
+  $("#alert-edit").addEventListener("click", openAlert);
+  $("#alert-form").addEventListener("submit", saveAlert);
   for (const b of document.querySelectorAll("[data-close]")) {
     b.addEventListener("click", () => b.closest("dialog").close());
   }
