@@ -27,9 +27,12 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from graphql import parse, specified_rules, validate
 from playwright.sync_api import Browser, BrowserContext, Page, Route, expect, sync_playwright
+from strawberry.extensions import MaxAliasesLimiter, QueryDepthLimiter
 
 from api.auth import issue_token
+from api.schema import MAX_ALIASES, MAX_QUERY_DEPTH, MAX_TOKENS, schema
 from billing.enums import Role
 from billing.settings import Settings
 from tests.conftest import ROOT, TEST_SECRET, WEBHOOK_SECRET
@@ -40,6 +43,8 @@ pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium
 SHOTS = Path(os.environ.get("TEST_OUTPUT_DIR", ROOT / "var" / "test-output")) / "billing-page"
 AXE = ROOT / "tests" / "vendor" / "axe.min.js"
 TIMEOUT = 15_000
+#: Every GraphQL document the page sent during these tests (checked against the limits).
+SENT: set[str] = set()
 
 
 def _serve(workdir: Path, **extra: str) -> Iterator[str]:
@@ -151,6 +156,7 @@ class Billing:
         page.on("console", lambda m: m.type == "error" and self.problems.append(m.text))
         page.on("pageerror", lambda e: self.problems.append(str(e)))
         page.on("dialog", lambda d: d.accept())  # "Remove this card?"
+        page.on("request", self._record)
         page.on(
             "request",
             lambda r: (
@@ -158,6 +164,10 @@ class Billing:
                 and self.problems.append(f"went elsewhere: {r.url}")
             ),
         )
+
+    def _record(self, request: Any) -> None:
+        if request.method == "POST" and request.url.endswith("/graphql"):
+            SENT.add(json.loads(request.post_data or "{}").get("query", ""))
 
     def open(self, token: str) -> None:
         self.page.goto(f"{self.server}/billing#token={token}")
@@ -661,6 +671,20 @@ def test_stripe_gateway_page_with_elements_setup_intents_and_3ds(
     finally:
         page.close()
     assert billing.problems == []
+
+
+def test_zz_every_operation_the_page_sent_fits_well_under_the_limits() -> None:
+    """Like tests/test_hardening.py for the platform's operations: half the tokens and
+    aliases, two levels of depth to spare. (Named to run after the page's tests.)"""
+    if not SENT:
+        pytest.skip("run with the page's tests")
+    half = [
+        *QueryDepthLimiter(max_depth=MAX_QUERY_DEPTH - 2).validation_rules,
+        *MaxAliasesLimiter(max_alias_count=MAX_ALIASES // 2).validation_rules,
+    ]
+    for query in sorted(SENT):
+        document = parse(query, max_tokens=MAX_TOKENS // 2)
+        assert validate(schema._schema, document, [*specified_rules, *half]) == [], query
 
 
 def test_root_redirects_to_the_page(server: str) -> None:
