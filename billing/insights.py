@@ -45,16 +45,6 @@ def validate_usage(v: Validator, start: datetime, end: datetime) -> None:
         v.add(f"from and to may be at most {MAX_USAGE_DAYS} days apart", "to")
 
 
-def _per_unit_case(book: PriceBook) -> str:
-    """``credits_per_unit`` of the entry's process type, as SQL (constants from the book)."""
-    arms = " ".join(
-        f"WHEN '{p.process_type.value}' THEN {int(p.credits_per_unit)}"
-        for p in book.processes
-        if p.credits_per_unit
-    )
-    return f"(CASE process_type {arms} ELSE 1 END)" if arms else "1"
-
-
 def _bucket_start(local: datetime, interval: UsageInterval) -> datetime:
     day = local.replace(hour=0, minute=0, second=0, microsecond=0)
     return day.replace(day=1) if interval is UsageInterval.MONTH else day
@@ -74,7 +64,7 @@ async def usage(
     writes no ledger entry) and metered ones."""
     tz = ZoneInfo(zone_name(account.timezone))
     postgres = sql.is_postgres(sql.connection())
-    per_unit = _per_unit_case(book)
+    per_unit = {p.process_type: p.credits_per_unit or 1 for p in book.processes}
 
     def key(column: str) -> str:
         if postgres:  # exact local midnights (or 1sts) from the database itself
@@ -85,8 +75,7 @@ async def usage(
         return f"substr({column}, 1, 13)"
 
     ledger_rows = await sql.fetch(
-        f"SELECT {key('created_at')} AS k, process_type, "
-        f"SUM(-credits / {per_unit}) AS units, SUM(-credits) AS credits "
+        f"SELECT {key('created_at')} AS k, process_type, SUM(-credits) AS credits "
         "FROM ledger_entry WHERE account_id = ? AND type IN (?, ?) "
         "AND created_at >= ? AND created_at < ? GROUP BY 1, 2",
         account.id,
@@ -130,8 +119,11 @@ async def usage(
 
     for row in ledger_rows:
         b = bucket(row)
-        b.units += int(row["units"] or 0)
-        b.credits += int(row["credits"] or 0)
+        spent = int(row["credits"] or 0)
+        # Paid units: every entry's credits are its units times the price, so the sum
+        # divides exactly (net of reversals, which give back theirs).
+        b.units += spent // per_unit.get(b.process_type, 1)
+        b.credits += spent
     for row in free_rows:
         b = bucket(row)
         b.units += int(row["used"] or 0)
