@@ -19,18 +19,6 @@ export function token() {
   return sessionStorage.getItem(TOKEN_KEY);
 }
 
-/** Seconds until the token expires (its `exp`), or null if it has none we can read. */
-export function tokenExpiresIn() {
-  const t = token();
-  if (!t) return null;
-  try {
-    const body = JSON.parse(atob(t.split(".")[1].replace(/-/g, "+").replace(/_/g, "/")));
-    return typeof body.exp === "number" ? body.exp - Date.now() / 1000 : null;
-  } catch {
-    return null;
-  }
-}
-
 /** A network failure (no answer at all): the same request may be sent again. */
 export class NetworkError extends Error {}
 
