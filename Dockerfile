@@ -12,15 +12,14 @@ ENV PYTHONUNBUFFERED=1 \
     HOST=0.0.0.0 \
     PORT=8000
 
-# Runtime dependencies only (`pip install .`, not `.[dev]`) at the versions pinned in
-# requirements.lock, installed by root into site-packages: the app user can run the code
-# but not change it.
+# Runtime dependencies only (`pip install .`, not `.[dev]`), installed by root into
+# site-packages: the app user can run the code but not change it.
 WORKDIR /src
-COPY pyproject.toml requirements.lock ./
+COPY pyproject.toml ./
 COPY api ./api
 COPY billing ./billing
 COPY workers ./workers
-RUN pip install . -c requirements.lock && cd / && rm -rf /src
+RUN pip install . && cd / && rm -rf /src
 
 RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/credits credits
 WORKDIR /home/credits
