@@ -3,24 +3,33 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+LOCK   := requirements.lock
+HASH   := $(shell cat pyproject.toml $(LOCK) | cksum | cut -d' ' -f1)
+RUN_STAMP := $(VENV)/.runtime-$(HASH)
+STAMP  := $(VENV)/.installed-$(HASH)
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: run test test-sqlite lint typecheck schema check-schema token migrate reconcile bench bench-tools clean
+.PHONY: run test test-sqlite lint typecheck schema check-schema token migrate reconcile bench bench-tools clean lock
 
 $(PY):
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is needed"'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e '.[dev]'
+# What the service needs, at the versions in requirements.lock (make run stops here).
+$(RUN_STAMP): pyproject.toml $(LOCK) | $(PY)
+	$(PY) -m pip install --quiet -c $(LOCK) -e .
+	rm -f $(VENV)/.runtime-* && touch $@
+
+# And the test and lint tools (make test, lint, typecheck).
+$(STAMP): $(RUN_STAMP)
+	$(PY) -m pip install --quiet -c $(LOCK) -e '.[dev]'
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)
 
 ## Serve on the embedded default (SQLite file, sandbox gateway) on 127.0.0.1:$${PORT:-8000}.
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(PY) -m api
 
 ## The whole suite: SQLite always; PostgreSQL too when TEST_DATABASE_URL is set.
@@ -42,20 +51,20 @@ typecheck: $(STAMP)
 schema: $(STAMP)
 	$(PY) -m strawberry export-schema api.schema:schema --output schema.graphql
 
-## Print a development token: make token ACCOUNT=acme ROLES=ADMIN
 check-schema: $(STAMP)
 	$(PY) -m strawberry export-schema api.schema:schema --output $(VENV)/schema.check.graphql
 	diff -u schema.graphql $(VENV)/schema.check.graphql
 
-token: $(STAMP)
-	@$(PY) -m api.devtoken --account $${ACCOUNT:-acme} --user $${USER_ID:-admin-1} --roles $${ROLES:-ADMIN} --email $${EMAIL:-admin@example.com}
+## Print a development token: make token ACCOUNT=acme ROLES=ADMIN (HEADERS=1: GraphiQL's JSON)
+token: $(RUN_STAMP)
+	@$(PY) -m api.devtoken --account $${ACCOUNT:-acme} --user $${USER_ID:-admin-1} --roles $${ROLES:-ADMIN} --email $${EMAIL:-admin@example.com} $(if $(HEADERS),--headers)
 
-migrate: $(STAMP)
+migrate: $(RUN_STAMP)
 	$(PY) -m api --migrate-only
 
 ## Check that balances, ledger entries, payments (and Stripe) agree; non-zero exit on any
 ## discrepancy. Scope it with RECONCILE_ARGS="--account acme --account other".
-reconcile: $(STAMP)
+reconcile: $(RUN_STAMP)
 	$(PY) -m billing.reconcile $(RECONCILE_ARGS)
 
 ## Benchmarks (numbers, not tests): make bench, or one of them: make bench BENCH=spend
@@ -66,6 +75,13 @@ bench: $(STAMP)
 bench-tools:
 	command -v wrk >/dev/null && command -v pgbench >/dev/null || \
 	  (apt-get update && apt-get install -y wrk postgresql-client)
+
+## Re-pin the runtime dependencies (requirements.lock) from pyproject.toml.
+lock:
+	rm -rf $(VENV)-lock && $(PYTHON) -m venv $(VENV)-lock
+	$(VENV)-lock/bin/pip install --quiet --upgrade pip && $(VENV)-lock/bin/pip install --quiet .
+	{ sed -n '1,2p' $(LOCK); $(VENV)-lock/bin/pip freeze --exclude purchase-credits; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK) && rm -rf $(VENV)-lock
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

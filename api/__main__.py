@@ -9,8 +9,10 @@ from typing import Any
 
 import uvicorn
 
+from api.auth import issue_token
 from billing import logs
 from billing.db import migrate
+from billing.enums import Role
 from billing.settings import Settings, get_settings
 
 
@@ -30,20 +32,40 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(migrate(settings.database_url))
     if args.migrate_only:
         return 0
-    base = f"http://{settings.host}:{settings.port}"
-    print(
-        f"\nPurchase Credits service on {base}\n"
-        f"  GraphiQL:      open {base}/graphql in a browser"
-        + ("" if settings.show_graphiql else " (disabled: set GRAPHIQL_ENABLED=true)")
-        + "\n"
-        "  Admin token:   make token   (or: .venv/bin/python -m api.devtoken --account acme "
-        "--roles ADMIN)\n"
-        "  In GraphiQL, open the Headers tab and paste "
-        '{"Authorization": "Bearer <token>"}\n',
-        flush=True,
-    )
+    print(banner(settings), flush=True)
     uvicorn.run("api.asgi:app", **uvicorn_options(settings, workers=args.workers))
     return 0
+
+
+DEV_ADMIN = {"account_id": "acme", "user_id": "admin-1", "email": "admin@example.com"}
+
+
+def banner(settings: Settings) -> str:
+    """What ``make run`` prints: the billing page's link first (in development, signed in
+    as a development admin: the token rides in the URL fragment, which the page moves into
+    session storage and removes from the address bar)."""
+    base = f"http://{settings.host}:{settings.port}"
+    lines = [f"\nPurchase Credits service on {base}"]
+    if not settings.is_production and settings.hs256_enabled:
+        token = issue_token(
+            settings,
+            account_id=DEV_ADMIN["account_id"],
+            user_id=DEV_ADMIN["user_id"],
+            roles=[Role.ADMIN],
+            email=DEV_ADMIN["email"],
+            name="Development Admin",
+            ttl_seconds=12 * 3600,
+        )
+        lines.append(f"  Billing page:  {base}/billing#token={token}")
+        lines.append("                 (a development admin of account acme, for 12 hours)")
+    else:
+        lines.append(f"  Billing page:  {base}/billing (opened by the platform with a token)")
+    lines.append(
+        f"  GraphiQL:      {base}/graphql"
+        + ("" if settings.show_graphiql else " (disabled: set GRAPHIQL_ENABLED=true)")
+    )
+    lines.append("  Admin token:   make token   (make token HEADERS=1: GraphiQL's Headers JSON)")
+    return "\n".join(lines) + "\n"
 
 
 def uvicorn_options(settings: Settings, *, workers: int = 1) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from strawberry.types.unset import UNSET, UnsetType
 from tortoise.contrib.starlette import RegisterTortoise
 
 from api import metrics as api_metrics
+from api import page
 from api.auth import AuthError, Principal, authenticate, bearer_token
 from api.bodies import BoundedBody
 from api.context import Context
@@ -384,6 +385,7 @@ def create_app(
             Route("/readyz", readyz),
             Route("/metrics", api_metrics.metrics),
             Route("/reports/transactions.csv", transactions_csv),
+            *page.routes(),  # GET / and /billing: the billing page
         ],
         middleware=[
             Middleware(RequestIdMiddleware),

@@ -61,6 +61,8 @@ class Context:
     #: token it authenticated with expires (epoch seconds).
     connection_params: dict[str, Any] | None = None
     token_expires_at: float | None = None
+    #: The request's variables as sent (``RawVariables``), before defaults are filled in.
+    raw_variables: dict[str, Any] | None = None
     cards: DataLoader[uuid.UUID, Card | None] = field(
         default_factory=lambda: DataLoader(load_fn=_load_cards)
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from api.auth import issue_token
@@ -22,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--email", default=None)
     parser.add_argument("--name", default=None)
     parser.add_argument("--hours", type=float, default=12.0, help="lifetime in hours")
+    parser.add_argument(
+        "--headers", action="store_true", help="print GraphiQL's Headers JSON instead"
+    )
     args = parser.parse_args(argv)
     settings = get_settings()
     if settings.is_production:
@@ -31,17 +35,16 @@ def main(argv: list[str] | None = None) -> int:
         roles = [Role(r.strip().upper()) for r in args.roles.split(",") if r.strip()]
     except ValueError as exc:
         parser.error(str(exc))
-    print(
-        issue_token(
-            settings,
-            account_id=args.account,
-            user_id=args.user,
-            roles=roles,
-            email=args.email,
-            name=args.name,
-            ttl_seconds=int(args.hours * 3600),
-        )
+    token = issue_token(
+        settings,
+        account_id=args.account,
+        user_id=args.user,
+        roles=roles,
+        email=args.email,
+        name=args.name,
+        ttl_seconds=int(args.hours * 3600),
     )
+    print(json.dumps({"Authorization": f"Bearer {token}"}) if args.headers else token)
     return 0
 
 

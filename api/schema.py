@@ -9,12 +9,12 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
 import strawberry
-from graphql import GraphQLError
+from graphql import GraphQLError, ObjectValueNode, VariableNode
 from graphql.validation import ASTValidationRule, NoSchemaIntrospectionCustomRule
 from strawberry.extensions import (
     AddValidationRules,
@@ -27,7 +27,7 @@ from tortoise.transactions import in_transaction
 
 from api import ids
 from api.bounded import DEFAULT_OPERATION_TIMEOUT_SECONDS, BoundedSchema, CachedValidation
-from api.context import bad_input, forbidden
+from api.context import Context, bad_input, forbidden
 from api.cost import MAX_ALIASES, MAX_FIELDS, MAX_QUERY_DEPTH, CostLimit
 from api.guards import FreshToken, OperationNameRequired, SubscriptionsOverWebsocket, TextGuard
 from api.metrics import MetricsExtension
@@ -56,6 +56,7 @@ from billing import autorecharge, batch, cards, changes, ledger, lowbalance, pur
 from billing.accounts import ACCOUNT_ID_RULE, get_account, valid_account_id
 from billing.enums import Role as R
 from billing.errors import BillingError
+from billing.models import AutoRechargeSetting
 from billing.settings import Settings
 from workers.live import BalanceEvent, Broadcaster, Listener, LiveUnavailable, publish_changes
 
@@ -120,6 +121,14 @@ class CardPayload:
 
 
 @strawberry.type
+class CardSetupPayload:
+    client_secret: str | None = strawberry.field(
+        default=None, description="Pass to Stripe.js confirmCardSetup with the card Element."
+    )
+    errors: list[UserError] = strawberry.field(default_factory=list)
+
+
+@strawberry.type
 class RemoveCardPayload:
     removed_card_id: strawberry.ID | None = None
     primary_card: Card | None = None
@@ -146,18 +155,90 @@ class ConfirmPurchaseInput:
     payment_id: strawberry.ID
 
 
-@strawberry.input
+@strawberry.input(
+    description="The fields to change (see updateAutoRecharge): omitted ones keep their value."
+)
 class AutoRechargeInput:
     enabled: bool
     trigger: AutoRechargeTrigger | None = None
     interval_days: int | None = None
     threshold_credits: int | None = None
     recharge_credits: int | None = None
+    # The contract declares these two defaults, so GraphQL fills them in when they are
+    # omitted; ``given_fields`` reads the request to tell omitted from given.
     use_primary_card: bool | None = True
     card_id: strawberry.ID | None = strawberry.UNSET
     notify: bool | None = False
     notify_emails: list[str] | None = None
     monthly_limit_credits: int | None = None
+
+
+def given_fields(info: CtxInfo, argument: str) -> set[str]:
+    """The names of the fields the request itself gave in input object ``argument``
+    (GraphQL fills in declared defaults, so the parsed input can't tell)."""
+    raw = info._raw_info
+    variables = info.context.raw_variables or {}
+    for arg in raw.field_nodes[0].arguments:
+        if arg.name.value != argument:
+            continue
+        value = arg.value
+        if isinstance(value, VariableNode):
+            given = variables.get(value.name.value)
+            return set(given) if isinstance(given, dict) else set()
+        if isinstance(value, ObjectValueNode):
+            return {
+                f.name.value
+                for f in value.fields
+                if not isinstance(f.value, VariableNode) or f.value.name.value in variables
+            }
+    return set()
+
+
+def _merged_auto_recharge(
+    stored: AutoRechargeSetting, input: AutoRechargeInput, given: set[str]
+) -> autorecharge.AutoRechargeInput:
+    """The whole setting to save: the stored one with the given fields put over it."""
+
+    def pick(name: str, new: T, old: T) -> T:
+        return new if name in given else old
+
+    card_given = "cardId" in given and input.card_id not in (None, strawberry.UNSET)
+    if "usePrimaryCard" in given:
+        use_primary = input.use_primary_card is not False
+    elif card_given:
+        use_primary = False  # a card named on its own pins it
+    else:
+        use_primary = stored.use_primary_card
+    card_id: uuid.UUID | None
+    if "cardId" in given:
+        card_id = _card_id(input.card_id) if card_given else None
+        has_card = card_given
+    else:
+        card_id = uuid.UUID(str(stored.card_id)) if stored.card_id is not None else None
+        has_card = card_id is not None and not use_primary
+    return autorecharge.AutoRechargeInput(
+        enabled=input.enabled,
+        trigger=pick("trigger", input.trigger, stored.trigger),
+        interval_days=pick("intervalDays", input.interval_days, stored.interval_days),
+        threshold_credits=pick(
+            "thresholdCredits", input.threshold_credits, _int(stored.threshold_credits)
+        ),
+        recharge_credits=pick(
+            "rechargeCredits", input.recharge_credits, _int(stored.recharge_credits)
+        ),
+        use_primary_card=use_primary,
+        card_id=card_id if has_card else None,
+        card_id_given=has_card,
+        notify=bool(pick("notify", input.notify, stored.notify)),
+        notify_emails=pick("notifyEmails", input.notify_emails, list(stored.notify_emails or [])),
+        monthly_limit_credits=pick(
+            "monthlyLimitCredits", input.monthly_limit_credits, _int(stored.monthly_limit_credits)
+        ),
+    )
+
+
+def _int(value: int | None) -> int | None:
+    return int(value) if value is not None else None
 
 
 @strawberry.type
@@ -312,6 +393,20 @@ class Mutation:
             return CardPayload(errors=result)
         return CardPayload(card=Card(model=result))
 
+    @strawberry.mutation(
+        description="Start saving a card in the browser (Stripe's SetupIntent): pass the "
+        "clientSecret to Stripe.js confirmCardSetup with the card Element, then addCard with "
+        "the PaymentMethod id it returns. The bank can ask for 3-D Secure while the "
+        "cardholder is there, so later off-session charges (auto-recharge, invoices) succeed."
+    )
+    async def start_card_setup(self, info: CtxInfo) -> CardSetupPayload:
+        ctx = info.context
+        ctx.require(R.ADMIN)
+        result = await attempt(lambda: cards.start_setup(ctx.gateway, ctx.principal.account_id))
+        if isinstance(result, list):
+            return CardSetupPayload(errors=result)
+        return CardSetupPayload(client_secret=result)
+
     @strawberry.mutation
     async def update_card(self, info: CtxInfo, input: UpdateCardInput) -> CardPayload:
         ctx = info.context
@@ -425,7 +520,12 @@ class Mutation:
         )
         return _purchase_payload(result)
 
-    @strawberry.mutation
+    @strawberry.mutation(
+        description="Change the fields given: an omitted field keeps its stored value, an "
+        "explicit null clears it, so {enabled: false} turns auto-recharge off and keeps its "
+        "configuration for the next {enabled: true}. A cardId given without usePrimaryCard "
+        "pins that card."
+    )
     async def update_auto_recharge(
         self,
         info: CtxInfo,
@@ -433,28 +533,16 @@ class Mutation:
     ) -> AutoRechargePayload:
         ctx = info.context
         ctx.permitted(_op(info))
-        given = input.card_id is not strawberry.UNSET and input.card_id is not None
-        data = autorecharge.AutoRechargeInput(
-            enabled=input.enabled,
-            trigger=input.trigger,
-            interval_days=input.interval_days,
-            threshold_credits=input.threshold_credits,
-            recharge_credits=input.recharge_credits,
-            use_primary_card=input.use_primary_card is not False,
-            card_id=_card_id(input.card_id) if given else None,
-            card_id_given=given,
-            notify=bool(input.notify),
-            notify_emails=input.notify_emails,
-            monthly_limit_credits=input.monthly_limit_credits,
+        account_id = ctx.principal.account_id
+        data = _merged_auto_recharge(
+            await autorecharge.get_setting(account_id), input, given_fields(info, "input")
         )
         result = await attempt(
-            lambda: in_tx(
-                lambda: autorecharge.update_auto_recharge(ctx.book, ctx.principal.account_id, data)
-            )
+            lambda: in_tx(lambda: autorecharge.update_auto_recharge(ctx.book, account_id, data))
         )
         if isinstance(result, list):
             return AutoRechargePayload(errors=result)
-        await _after_debit(info, ctx.principal.account_id, result.recharge_seq)
+        await _after_debit(info, account_id, result.recharge_seq)
         return AutoRechargePayload(auto_recharge=AutoRecharge(model=result.setting))
 
     @strawberry.mutation
@@ -743,6 +831,16 @@ async def _staff_credits(
     )
 
 
+class RawVariables(SchemaExtension):
+    """Keeps the request's variables as sent (before GraphQL fills in defaults)."""
+
+    def on_execute(self) -> Iterator[None]:
+        ctx = self.execution_context.context
+        if isinstance(ctx, Context):
+            ctx.raw_variables = dict(self.execution_context.variables or {})
+        yield
+
+
 def should_mask_error(error: GraphQLError) -> bool:
     """Mask unexpected exceptions; keep GraphQL's own errors and our coded ones."""
     original = error.original_error
@@ -781,6 +879,7 @@ def build_schema(settings: Settings | None = None) -> strawberry.Schema:
         Permissions,  # api/permissions.py's table, for every operation, before it runs
         TextGuard,  # no lone surrogate or NUL reaches the database
         SubscriptionsOverWebsocket,  # a subscription POSTed is refused, not a null
+        RawVariables,  # given_fields reads what the request itself sent
         lambda: MaskErrors(should_mask_error=should_mask_error, error_message="Internal error."),
     ]
     return BoundedSchema(

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Annotated
 
 import strawberry
 from strawberry.types import Info
 
 from api import ids
 from api.context import Context, bad_input
-from billing import enums, history, invoices, lowbalance, quota
+from billing import enums, history, insights, invoices, lowbalance, quota
 from billing.autorecharge import get_setting
 from billing.cards import active_cards, primary_card
 from billing.errors import UserError as DomainError
@@ -29,6 +30,12 @@ PaymentStatus = strawberry.enum(enums.PaymentStatus)
 AutoRechargeTrigger = strawberry.enum(enums.AutoRechargeTrigger)
 ErrorCode = strawberry.enum(enums.ErrorCode)
 InvoiceStatus = strawberry.enum(enums.InvoiceStatus)
+AutoRechargeStatus = strawberry.enum(
+    enums.AutoRechargeStatus,
+    description="OFF: not enabled (its configuration is kept); ACTIVE: will recharge; "
+    "PAUSED: enabled but stopped (pausedReason says why; saving the setting resumes it).",
+)
+UsageInterval = strawberry.enum(insights.UsageInterval)
 
 CtxInfo = Info[Context, None]
 
@@ -449,6 +456,14 @@ class AutoRecharge:
     def paused_reason(self) -> str | None:
         return self.model.paused_reason
 
+    @strawberry.field(description="Whether it will recharge, in one word.")
+    def status(self) -> AutoRechargeStatus:
+        if not self.model.enabled:
+            return enums.AutoRechargeStatus.OFF
+        if self.model.paused_reason is not None:
+            return enums.AutoRechargeStatus.PAUSED
+        return enums.AutoRechargeStatus.ACTIVE
+
 
 @strawberry.type
 class FreeQuota:
@@ -555,6 +570,65 @@ class CreditBalanceChange:
 
 
 @strawberry.type
+class PaymentEdge:
+    cursor: str
+    node: Payment
+
+
+@strawberry.type
+class PaymentConnection:
+    edges: list[PaymentEdge]
+    page_info: PageInfo
+
+
+@strawberry.type(
+    description="What one process type used in one interval (intervals start at midnight, "
+    "or on the 1st, in the account's time zone). Free-quota units and metered units count "
+    "here although they cost no credits."
+)
+class UsageBucket:
+    start: datetime
+    process_type: ProcessType
+    units: int
+    free_units: int
+    credits: int
+    metered_cents: int
+
+
+async def payments_page(
+    account_id: str,
+    statuses: list[enums.PaymentStatus] | None,
+    first: int | None,
+    after: str | None,
+) -> PaymentConnection:
+    count = 25 if first is None else first
+    wanted = list(statuses or [])
+    v = Validator()
+    insights.validate_payments(v, count, wanted)
+    if v.errors:
+        raise bad_input("; ".join(e.message for e in v.errors))
+    position = None
+    if after is not None:
+        position = ids.decode_cursor(after)
+        if position is None:
+            raise bad_input("after is not a cursor this API issued")
+    result = await insights.payments_page(account_id, wanted, count, position)
+    edges = [
+        PaymentEdge(cursor=ids.encode_cursor(p.created_at, p.id), node=Payment(model=p))
+        for p in result.payments
+    ]
+    return PaymentConnection(
+        edges=edges,
+        page_info=PageInfo(
+            has_next_page=result.has_next,
+            has_previous_page=after is not None,
+            start_cursor=edges[0].cursor if edges else None,
+            end_cursor=edges[-1].cursor if edges else None,
+        ),
+    )
+
+
+@strawberry.type
 class CreditAccount:
     model: strawberry.Private[Account]
 
@@ -613,6 +687,50 @@ class CreditAccount:
         after: str | None = None,
     ) -> CreditTransactionConnection:
         return await transactions_page(self.model.id, filter, first, after)
+
+    @strawberry.field(
+        description="Card payments of every kind (purchases, auto-recharges, invoices), "
+        "newest first, keyset-paginated; a purchase waiting for 3-D Secure is "
+        "statuses: [REQUIRES_ACTION]."
+    )
+    async def payments(
+        self,
+        statuses: list[PaymentStatus] | None = None,
+        first: int | None = 25,
+        after: str | None = None,
+    ) -> PaymentConnection:
+        return await payments_page(self.model.id, statuses, first, after)
+
+    @strawberry.field(
+        description="Buckets with any use in [from, to), oldest first; at most 400 days."
+    )
+    async def usage(
+        self,
+        info: CtxInfo,
+        from_: Annotated[datetime, strawberry.argument(name="from")],
+        to: datetime,
+        interval: UsageInterval | None = insights.UsageInterval.DAY,
+    ) -> list[UsageBucket]:
+        start, end = _utc(from_), _utc(to)
+        assert start is not None and end is not None
+        v = Validator()
+        insights.validate_usage(v, start, end)
+        if v.errors:
+            raise bad_input("; ".join(e.message for e in v.errors))
+        buckets = await insights.usage(
+            self.model, info.context.book, start, end, interval or insights.UsageInterval.DAY
+        )
+        return [
+            UsageBucket(
+                start=b.start,
+                process_type=b.process_type,
+                units=b.units,
+                free_units=b.free_units,
+                credits=b.credits,
+                metered_cents=b.metered_cents,
+            )
+            for b in buckets
+        ]
 
     @strawberry.field(description="Monthly invoices for metered usage, newest first (24 at most).")
     async def invoices(self) -> list[Invoice]:

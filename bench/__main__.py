@@ -1,4 +1,4 @@
-"""Run the benchmarks: ``python -m bench [spend|latency|recharge|schedule|csv ...]``.
+"""Run the benchmarks: ``python -m bench [spend|latency|recharge|schedule|csv|page ...]``.
 
 Each prints its figures and the whole run is written to var/bench-results.json. They
 need PostgreSQL on 127.0.0.1:5432 (a database ``credits_bench`` is created and dropped),
@@ -17,13 +17,14 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-NAMES = ("spend", "latency", "recharge", "schedule", "csv")
+NAMES = ("spend", "latency", "recharge", "schedule", "csv", "page")
 MODULES = {
     "spend": "bench.spend",
     "latency": "bench.latency",
     "recharge": "bench.recharge",
     "schedule": "bench.schedule",
     "csv": "bench.csv_export",
+    "page": "bench.page",
 }
 
 

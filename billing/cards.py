@@ -81,6 +81,15 @@ async def _customer_id(gateway: PaymentGateway, account_id: str) -> str:
     return account.gateway_customer_id
 
 
+async def start_setup(gateway: PaymentGateway, account_id: str) -> str:
+    """A SetupIntent's client secret for the account's customer: the browser saves the card
+    with it (3-D Secure at saving, when the bank asks), then ``add_card`` takes its
+    PaymentMethod id."""
+    if await Card.filter(account_id=account_id, removed_at=None).count() >= MAX_CARDS:
+        raise fail(ErrorCode.VALIDATION, f"An account may hold at most {MAX_CARDS} cards.")
+    return await gateway.start_card_setup(await _customer_id(gateway, account_id))
+
+
 async def attach(gateway: PaymentGateway, account_id: str, payment_method_id: str) -> CardDetails:
     """Step 1 of adding a card (no transaction): the gateway attaches and describes it."""
     if not _PM_ID.match(payment_method_id):

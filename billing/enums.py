@@ -61,6 +61,12 @@ class AutoRechargeTrigger(StrEnum):
     THRESHOLD = "THRESHOLD"
 
 
+class AutoRechargeStatus(StrEnum):
+    OFF = "OFF"
+    ACTIVE = "ACTIVE"
+    PAUSED = "PAUSED"
+
+
 class ErrorCode(StrEnum):
     INSUFFICIENT_CREDITS = "INSUFFICIENT_CREDITS"
     NO_CARD_ON_FILE = "NO_CARD_ON_FILE"

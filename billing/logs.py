@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import logging.config
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -56,6 +57,8 @@ class TextFormatter(logging.Formatter):
     """The plain format, with the bound fields appended as ``key=value``."""
 
     def format(self, record: logging.LogRecord) -> str:
+        if record.name == "uvicorn.error":  # uvicorn's general log, not only errors
+            record.name = "uvicorn"
         line = super().format(record)
         keys = ("request_id", "job", "job_id")
         bound = " ".join(f"{k}={getattr(record, k)}" for k in keys if hasattr(record, k))
@@ -71,11 +74,21 @@ def json_formatter() -> logging.Formatter:
     )
 
 
-def formatter(kind: Literal["json", "text"]) -> logging.Formatter:
-    return json_formatter() if kind == "json" else TextFormatter(TEXT_FORMAT)
+Kind = Literal["json", "text", "auto"]
 
 
-def config(level: str, kind: Literal["json", "text"]) -> dict[str, Any]:
+def resolve(kind: Kind) -> Literal["json", "text"]:
+    """``auto``: readable lines for a person at a terminal, JSON lines for machines."""
+    if kind == "auto":
+        return "text" if sys.stderr.isatty() else "json"
+    return kind
+
+
+def formatter(kind: Kind) -> logging.Formatter:
+    return json_formatter() if resolve(kind) == "json" else TextFormatter(TEXT_FORMAT)
+
+
+def config(level: str, kind: Kind) -> dict[str, Any]:
     """A ``logging.config.dictConfig`` for the service (uvicorn's loggers included, so
     its own lines are JSON too). uvicorn's access log is replaced by the API's own."""
     return {
@@ -96,9 +109,12 @@ def config(level: str, kind: Literal["json", "text"]) -> dict[str, Any]:
             "uvicorn": {"level": level.upper(), "handlers": [], "propagate": True},
             "uvicorn.error": {"level": level.upper(), "handlers": [], "propagate": True},
             "uvicorn.access": {"level": "WARNING", "handlers": [], "propagate": True},
+            # Its INFO lines are object reprs, and "Tortoise-ORM shutdown" after the
+            # migrations at start-up read like the service stopping.
+            "tortoise": {"level": "WARNING", "handlers": [], "propagate": True},
         },
     }
 
 
-def configure(level: str, kind: Literal["json", "text"] = "json") -> None:
+def configure(level: str, kind: Kind = "json") -> None:
     logging.config.dictConfig(config(level, kind))

@@ -27,6 +27,12 @@ class Settings(BaseSettings):
     stripe_api_key: SecretStr | None = None
     stripe_webhook_secret: SecretStr | None = None
     stripe_api_base: str | None = None
+    # The billing page (GET /billing): Stripe Elements under the stripe gateway needs the
+    # publishable key; Stripe.js loads from Stripe (STRIPE_JS_URL only for a test stand-in).
+    stripe_publishable_key: str | None = None
+    stripe_js_url: str | None = None
+    support_contact: str = "accounting@leadliaison.com"  # whom the page says to ask
+    page_frame_ancestors: str | None = None  # origins that may embed the page (CSP)
     job_queue: Literal["inprocess", "arq"] = "inprocess"
     periodic_seconds: float = 60.0  # in-process cron (embedded default); 0 turns it off
     host: str = "127.0.0.1"
@@ -39,7 +45,8 @@ class Settings(BaseSettings):
     credits_jwt_audience: str | None = None  # when set, tokens must carry this `aud`
     credits_jwt_issuer: str | None = None  # when set, tokens must carry this `iss`
     log_level: str = "INFO"
-    log_format: Literal["json", "text"] = "json"  # JSON lines with the request id
+    # JSON lines with the request id; "auto": readable lines when stderr is a terminal
+    log_format: Literal["json", "text", "auto"] = "auto"
     readiness_timeout_seconds: float = Field(default=2.0, gt=0, le=60)  # per /readyz check
     shutdown_grace_seconds: int = Field(default=30, ge=0, le=3600)  # finish in-flight work
     # POST /graphql bodies larger than this are refused with 413 (never read in full).

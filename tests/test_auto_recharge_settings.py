@@ -141,10 +141,10 @@ async def test_enable_schedule(funded: Caller) -> None:
 
 async def test_disable(funded: Caller) -> None:
     await add_card(funded)
-    await enable(funded, {**SCHEDULE, "notify": True, "notifyEmails": ["a@example.com"]})
+    on = await enable(funded, {**SCHEDULE, "notify": True, "notifyEmails": ["a@example.com"]})
     shown = await enable(funded, {"enabled": False})
-    # the setting is replaced as a whole
-    assert shown == {**DEFAULTS, "card": shown["card"]}
+    # turned off, its configuration kept for the next {enabled: true} (DESIGN.md section 3)
+    assert shown == {**on, "enabled": False, "nextRunAt": None}
     assert shown["card"] is not None  # the primary card is still shown
     assert await setting(funded) == shown
 
@@ -205,29 +205,30 @@ async def previous(funded: Caller) -> dict[str, Any]:
     )
 
 
-def _without(d: dict[str, Any], *names: str) -> dict[str, Any]:
-    return {k: v for k, v in d.items() if k not in names}
+def _cleared(d: dict[str, Any], *names: str) -> dict[str, Any]:
+    """``d`` with ``names`` cleared by an explicit null (an omitted field keeps its value)."""
+    return {**d, **dict.fromkeys(names)}
 
 
 INVALID = [
-    pytest.param(_without(THRESHOLD, "trigger"), [("VALIDATION", ["trigger"])], id="no-trigger"),
+    pytest.param(_cleared(THRESHOLD, "trigger"), [("VALIDATION", ["trigger"])], id="no-trigger"),
     pytest.param(
-        _without(THRESHOLD, "rechargeCredits"),
+        _cleared(THRESHOLD, "rechargeCredits"),
         [("VALIDATION", ["rechargeCredits"])],
         id="no-recharge-credits",
     ),
     pytest.param(
-        {"enabled": True, "thresholdCredits": 25},
+        {"enabled": True, "thresholdCredits": 25, "trigger": None, "rechargeCredits": None},
         [("VALIDATION", ["rechargeCredits"]), ("VALIDATION", ["trigger"])],
         id="no-trigger-no-recharge",
     ),
     pytest.param(
-        _without(THRESHOLD, "thresholdCredits"),
+        _cleared(THRESHOLD, "thresholdCredits"),
         [("VALIDATION", ["thresholdCredits"])],
         id="threshold-without-threshold",
     ),
     pytest.param(
-        _without(SCHEDULE, "intervalDays"),
+        _cleared(SCHEDULE, "intervalDays"),
         [("VALIDATION", ["intervalDays"])],
         id="schedule-without-interval",
     ),
@@ -237,7 +238,7 @@ INVALID = [
         id="recharge-below-min",
     ),
     pytest.param(
-        {**THRESHOLD, "rechargeCredits": 1_000_001},
+        {**THRESHOLD, "rechargeCredits": 1_000_001, "monthlyLimitCredits": None},
         [("INVALID_AMOUNT", ["rechargeCredits"])],
         id="recharge-above-max",
     ),

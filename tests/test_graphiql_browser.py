@@ -1,6 +1,6 @@
 """GraphiQL in a real browser: headless Chromium (Debian's package) opens the page served by
-a real ``python -m api`` on loopback, puts the bearer token in the Headers tab, runs the
-balance query and reads the answer off the page.
+a real ``python -m api`` on loopback, puts the bearer token in GraphiQL's Headers tab, runs
+the balance query and reads the answer off the page.
 
 Playwright drives the machine's ``/usr/bin/chromium`` (its own browser downloads are not
 used). Skipped only when Chromium is absent; ``.ci/run`` installs it.
@@ -14,13 +14,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from playwright.sync_api import Page, sync_playwright
+from playwright.sync_api import Response, expect, sync_playwright
 
 from api.auth import issue_token
 from billing.enums import Role
@@ -109,21 +109,18 @@ def _buy(base: str, token: str, credits: int) -> None:
         assert payload["errors"] == [], payload
 
 
-def _run(page: Page) -> dict[str, object]:
-    """Press Run and return the response the page shows."""
-    before = page.locator("#status").text_content()
-    page.click("#run")
-    page.wait_for_function(
-        "([before]) => { const s = document.getElementById('status').textContent;"
-        " return s !== before && s !== 'running…'; }",
-        arg=[before],
-        timeout=15_000,
-    )
-    shown: dict[str, object] = json.loads(page.locator("#result").text_content() or "null")
-    return shown
+def _answer_to(operation: str) -> Callable[[Response], bool]:
+    """Matches the response to the POST of ``operation`` (not GraphiQL's schema fetches)."""
+
+    def match(r: Response) -> bool:
+        return r.request.method == "POST" and operation in (r.request.post_data or "")
+
+    return match
 
 
 def test_graphiql_runs_the_balance_query_with_a_bearer_token(server: str, tmp_path: Path) -> None:
+    """The real GraphiQL (vendored): the token typed in its Headers tab, the balance query
+    run, the schema fetched for the docs explorer, all from the service's own origin."""
     token = _admin_token("acct-browser")
     _buy(server, token, 750)
     problems: list[str] = []
@@ -134,6 +131,7 @@ def test_graphiql_runs_the_balance_query_with_a_bearer_token(server: str, tmp_pa
             executable_path=str(CHROMIUM),
             headless=True,
             args=FLAGS,
+            viewport={"width": 1280, "height": 800},
         )
         try:
             page = context.new_page()
@@ -141,7 +139,8 @@ def test_graphiql_runs_the_balance_query_with_a_bearer_token(server: str, tmp_pa
                 "console",
                 lambda m: (
                     m.type == "error"
-                    and "status of 401" not in m.text  # the run without a token, on purpose
+                    # the schema fetch before a token is typed in, on purpose
+                    and "status of 401" not in m.text
                     and problems.append(m.text)
                 ),
             )
@@ -151,34 +150,37 @@ def test_graphiql_runs_the_balance_query_with_a_bearer_token(server: str, tmp_pa
                 lambda r: urlsplit(r.url).hostname != "127.0.0.1" and elsewhere.append(r.url),
             )
             page.goto(f"{server}/graphql")
-            page.wait_for_selector("body[data-ready='true']", timeout=15_000)
+            expect(page.locator(".graphiql-container")).to_be_visible(timeout=15_000)
             assert page.title() == "Purchase Credits · GraphiQL"
+            expect(page.get_by_role("button", name="Balance")).to_be_visible()  # example tabs
 
-            # No token yet: the page says what to do.
-            page.fill("#query", "{ creditAccount { balance } }")
-            assert _run(page)["errors"]
-            assert "Authorization" in (page.locator("#status").text_content() or "")
+            # The token goes in the Headers tab (inserted, as a paste would).
+            page.get_by_role("button", name="Headers", exact=True).click()
+            page.locator(".graphiql-editor-tool .graphiql-editor").last.click()
+            page.keyboard.press("Control+a")
+            page.keyboard.insert_text(json.dumps({"Authorization": f"Bearer {token}"}))
 
-            # The token goes in the Headers tab, as in Strawberry's GraphiQL.
-            page.click("#tab-headers")
-            page.fill("#headers", json.dumps({"Authorization": f"Bearer {token}"}))
-            page.click("#tab-variables")
-            assert _run(page) == {"data": {"creditAccount": {"balance": 750}}}
-            assert (page.locator("#status").text_content() or "").startswith("200")
+            with page.expect_response(_answer_to("query Balance")) as answer:
+                page.get_by_role("button", name="Execute query (Ctrl-Enter)").click()
+            assert answer.value.json() == {"data": {"creditAccount": {"balance": 750}}}
+            expect(page.locator(".graphiql-response")).to_contain_text('"balance": 750')
 
-            # Ctrl-Enter runs too; the examples menu loads the history query.
-            page.select_option("#examples", "History")
-            page.focus("#query")
-            before = page.locator("#result").text_content()
+            # With the token, the schema loads: the docs explorer lists the root types.
+            page.get_by_role("button", name="Re-fetch GraphQL schema").click()
+            page.get_by_role("button", name="Show Documentation Explorer").click()
+            docs = page.locator(".graphiql-doc-explorer")
+            expect(docs).to_contain_text("Query", timeout=15_000)
+            docs.get_by_role("link", name="Query").first.click()
+            expect(docs).to_contain_text("creditAccount")
+
+            # The History example, run with Ctrl-Enter from its editor.
+            page.get_by_role("button", name="History", exact=True).first.click()
+            page.locator(".graphiql-query-editor .CodeMirror").click()
             page.keyboard.press("Control+Enter")
-            page.wait_for_function(
-                "([before]) => document.getElementById('result').textContent !== before",
-                arg=[before],
-                timeout=15_000,
-            )
-            history = json.loads(page.locator("#result").text_content() or "null")
-            edges = history["data"]["creditAccount"]["transactions"]["edges"]
-            assert [e["node"]["credits"] for e in edges] == [750]
+            result = page.locator(".graphiql-response")
+            expect(result).to_contain_text('"transactions"')
+            expect(result).to_contain_text('"credits": 750')
+            expect(result).to_contain_text('"hasNextPage": false')
             page.screenshot(path=str(tmp_path / "graphiql.png"))
         finally:
             context.close()

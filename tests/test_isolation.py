@@ -25,6 +25,7 @@ import json
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -99,6 +100,14 @@ def selection(field_type: Any, args: dict[str, Any] | None = None, depth: int = 
     return " ".join(parts)
 
 
+# Required arguments that aim at nobody in particular (creditAccount.usage's window).
+_NOW = datetime.now(UTC)
+REQUIRED: dict[str, Any] = {
+    "from": (_NOW - timedelta(days=300)).isoformat(),
+    "to": (_NOW + timedelta(days=1)).isoformat(),
+}
+
+
 def arguments(field: GraphQLField, samples: dict[str, Any] | None) -> str:
     """Literal arguments from ``samples``; a required argument without one fails loudly."""
     given = []
@@ -106,6 +115,10 @@ def arguments(field: GraphQLField, samples: dict[str, Any] | None) -> str:
         if samples is not None and name in samples:
             literal = ast_from_value(samples[name], arg.type)
             assert literal is not None, (name, samples[name])
+            given.append(f"{name}: {print_ast(literal)}")
+        elif is_non_null_type(arg.type) and arg.default_value is Undefined and name in REQUIRED:
+            literal = ast_from_value(REQUIRED[name], arg.type)
+            assert literal is not None, (name, REQUIRED[name])
             given.append(f"{name}: {print_ast(literal)}")
         elif is_non_null_type(arg.type) and arg.default_value is Undefined:
             raise AssertionError(
@@ -552,6 +565,10 @@ MUTATIONS: dict[str, Sample] = {
     "updateLowBalanceAlert": Sample(
         lambda v, a: {"input": {"enabled": False}},
         {"user": FORBIDDEN, "admin": OWN, "service": FORBIDDEN},
+    ),
+    # A SetupIntent for the caller's own customer: nothing of the victim's is reachable.
+    "startCardSetup": Sample(
+        lambda v, a: {}, {"user": FORBIDDEN, "admin": OWN, "service": FORBIDDEN}
     ),
 }
 

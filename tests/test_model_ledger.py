@@ -563,7 +563,19 @@ class LedgerMachine(RuleBasedStateMachine):
     ) -> None:
         m = self.model
         credits = max(100, threshold + extra)  # at or above the threshold (see above)
-        variables: dict[str, Any] = {"enabled": enabled}
+        # Every field, so the setting is replaced as a whole (an omitted one would be kept).
+        variables: dict[str, Any] = {
+            "enabled": enabled,
+            "trigger": None,
+            "intervalDays": None,
+            "thresholdCredits": None,
+            "rechargeCredits": None,
+            "usePrimaryCard": True,
+            "cardId": None,
+            "notify": False,
+            "notifyEmails": None,
+            "monthlyLimitCredits": None,
+        }
         pinned: CardM | None = None
         if enabled:
             variables |= {"trigger": trigger, "rechargeCredits": credits}

@@ -151,6 +151,11 @@ class SandboxGateway:
         if _kind_of(payment_method_id) is None:
             raise CardRejected(f"No such PaymentMethod: '{payment_method_id}'", unknown=True)
 
+    async def start_card_setup(self, customer_id: str) -> str:
+        """A SetupIntent-shaped secret; the sandbox's page picks a test card instead."""
+        intent = f"seti_sbx_{secrets.token_hex(10)}"
+        return f"{intent}_secret_{secrets.token_hex(8)}"
+
     async def set_default_card(self, customer_id: str, payment_method_id: str) -> None:
         return None
 
@@ -233,4 +238,14 @@ class SandboxGateway:
         if intent is None or intent.status != "requires_payment_method":
             return False
         self._confirm(intent)
+        return True
+
+    def authenticate(self, client_secret: str, *, approve: bool) -> bool:
+        """The sandbox's 3-D Secure challenge, answered in the billing page: approve or fail
+        the payment whose client secret this is. False if no such payment awaits it."""
+        intent_id = client_secret.split("_secret_", 1)[0]
+        intent = self._by_id.get(intent_id)
+        if intent is None or intent.client_secret != client_secret:
+            return False
+        return self.complete_authentication(intent_id, success=approve)
         return True

@@ -143,6 +143,18 @@ class StripeGateway:
             raise GatewayUnavailable(str(exc)) from exc
         return str(customer.id)
 
+    async def start_card_setup(self, customer_id: str) -> str:
+        try:
+            params: stripe.params.SetupIntentCreateParams = {
+                "customer": customer_id,
+                "usage": "off_session",
+            }
+            intent = await self.client.v1.setup_intents.create_async(params=params)
+        except _TRANSIENT as exc:
+            raise GatewayUnavailable(str(exc)) from exc
+        assert intent.client_secret is not None
+        return intent.client_secret
+
     async def attach_card(self, customer_id: str, payment_method_id: str) -> CardDetails:
         try:
             pm = await self.client.v1.payment_methods.attach_async(
