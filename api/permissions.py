@@ -60,6 +60,7 @@ TABLE: dict[str, Rule] = {
     "Mutation.removeCard": Rule({ADMIN: OWN, STAFF: ANY}),
     "Mutation.purchaseCredits": Rule({ADMIN: OWN}),
     "Mutation.confirmPurchase": Rule({ADMIN: OWN}),
+    "Mutation.startCardSetup": Rule({ADMIN: OWN}),
     "Mutation.updateAutoRecharge": Rule({ADMIN: OWN}),
     "Mutation.updateLowBalanceAlert": Rule({ADMIN: OWN}),
     "Mutation.consumeCredits": Rule({SERVICE: OWN}),

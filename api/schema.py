@@ -401,7 +401,7 @@ class Mutation:
     )
     async def start_card_setup(self, info: CtxInfo) -> CardSetupPayload:
         ctx = info.context
-        ctx.require(R.ADMIN)
+        ctx.permitted(_op(info))
         result = await attempt(lambda: cards.start_setup(ctx.gateway, ctx.principal.account_id))
         if isinstance(result, list):
             return CardSetupPayload(errors=result)

@@ -37,6 +37,7 @@ SPEC: dict[str, dict[Role, str] | str] = {
     "Mutation.removeCard": {ADMIN: OWN, STAFF: ANY},
     "Mutation.purchaseCredits": {ADMIN: OWN},
     "Mutation.confirmPurchase": {ADMIN: OWN},
+    "Mutation.startCardSetup": {ADMIN: OWN},
     "Mutation.updateAutoRecharge": {ADMIN: OWN},
     "Mutation.updateLowBalanceAlert": {ADMIN: OWN},
     "Mutation.consumeCredits": {SERVICE: OWN},
@@ -171,6 +172,10 @@ async def requests(
                 f"{{ {errors} }} }}",
                 {"id": ids.encode("Payment", NOBODY)},
             ),
+            None,
+        ),
+        "Mutation.startCardSetup": (
+            (f"mutation {{ startCardSetup {{ {errors} }} }}", {}),
             None,
         ),
         "Mutation.updateAutoRecharge": (

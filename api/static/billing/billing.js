@@ -23,7 +23,7 @@ const ACCOUNT_QUERY = `{
     cards { ${CARD} }
     autoRecharge { ${AUTO} }
     freeQuotas { processType allowance used periodEnd }
-    invoices { id periodStart status amountCents currency paidAt failureMessage }
+    invoices { id periodStart status amountCents carriedInCents currency paidAt failureMessage }
     payments(statuses: [REQUIRES_ACTION], first: 10) { edges { node { ${PAYMENT} } } }
   }
 }`;
@@ -669,10 +669,16 @@ async function csv() {
 
 // ---------------------------------------------------------------- invoices
 
+function invoiceState(invoice) {
+  // Under the card payment minimum: never charged, added to next month's invoice.
+  if (invoice.status === "CARRIED_FORWARD") return "under the minimum charge, carried into next month's invoice";
+  return words(invoice.status);
+}
+
 function renderInvoices() {
   const list = state.account.invoices;
   $("#invoices").replaceChildren(...(list.length ? list.map((i) => el("li", {},
-    `${monthFmt.format(new Date(i.periodStart))}: ${money(i.amountCents, i.currency)}, ${words(i.status)}${i.paidAt ? ` on ${dayFmt.format(new Date(i.paidAt))}` : ""}${i.failureMessage ? ` (${i.failureMessage})` : ""}`))
+    `${monthFmt.format(new Date(i.periodStart))}: ${money(i.amountCents, i.currency)}, ${invoiceState(i)}${i.paidAt ? ` on ${dayFmt.format(new Date(i.paidAt))}` : ""}${i.carriedInCents ? ` (includes ${money(i.carriedInCents, i.currency)} carried from earlier months)` : ""}${i.failureMessage ? ` (${i.failureMessage})` : ""}`))
     : [el("li", { class: "muted" }, "No invoices yet.")]));
 }
 
