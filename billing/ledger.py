@@ -24,14 +24,27 @@ MAX_CREDITS_PER_ENTRY = 100_000_000
 #: 10); the database holds the same bound (migration 0008).
 MAX_BALANCE = 2**31 - 1
 
+
 #: The debit statement's crossing rule (see ``crossed``): set ``recharge_crossed`` when this
 #: debit takes the balance from at or above the threshold to below it. ``balance`` on the
 #: right-hand side is the value before the update, in PostgreSQL and SQLite alike.
-CROSSING_SET = (
-    "recharge_crossed = CASE WHEN recharge_threshold IS NOT NULL "
-    "AND balance >= recharge_threshold AND balance + ? < recharge_threshold "
-    "THEN TRUE ELSE recharge_crossed END"
-)
+def crossing_set(after: str) -> str:
+    """The SET clause of a debit's ``UPDATE`` that records a crossing (see ``crossed``):
+    marks it open and numbers it (``recharge_seq``: the job id and trigger key of its
+    recharge), so a payment settled late for an older crossing can't close a newer one.
+    ``after`` is the balance after the debit, as an SQL expression of the old one (its
+    placeholders appear twice)."""
+    crossing = (
+        "recharge_threshold IS NOT NULL AND balance >= recharge_threshold "
+        f"AND {after} < recharge_threshold"
+    )
+    return (
+        f"recharge_crossed = CASE WHEN {crossing} THEN TRUE ELSE recharge_crossed END, "
+        f"recharge_seq = CASE WHEN {crossing} THEN recharge_seq + 1 ELSE recharge_seq END"
+    )
+
+
+CROSSING_SET = crossing_set("balance + ?")
 
 
 def crossed(before: int, after: int, threshold: int | None) -> bool:
@@ -95,6 +108,7 @@ async def post_returning(movement: Movement) -> Posted:
             f"UPDATE credit_account SET balance = balance + ?, {CROSSING_SET} "
             "WHERE id = ? AND balance + ? >= 0 "
             "RETURNING balance, recharge_threshold, recharge_seq, low_balance_level",
+            movement.credits,
             movement.credits,
             movement.credits,
             movement.account_id,
