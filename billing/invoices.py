@@ -461,6 +461,11 @@ async def _mark_paid(invoice_id: uuid.UUID, attempt: int, payment: Payment) -> N
             log.error(
                 "invoice %s was already paid; payment %s also succeeded", invoice_id, payment.id
             )
+            await settlement.flag(
+                invoice.account_id,
+                f"{settlement.PAID_TWICE_FLAG} invoice {invoice_id} was already paid; payment "
+                f"{payment.id} succeeded too: refund it",
+            )
         return
     card = await Card.get_or_none(id=payment.card_id) if payment.card_id else None
     on_card = f" to the {card.brand} card ending {card.last4}" if card else ""

@@ -45,6 +45,9 @@ def crossing_set(after: str) -> str:
 
 
 CROSSING_SET = crossing_set("balance + ?")
+#: Bound into CROSSING_SET for a debit that must open no crossing: ``balance + 0`` is never
+#: below a threshold the balance is at or above.
+_NEVER_CROSSES = 0
 
 
 def crossed(before: int, after: int, threshold: int | None) -> bool:
@@ -81,6 +84,9 @@ class Movement:
     payment_id: uuid.UUID | None = None
     reverses_entry_id: uuid.UUID | None = None
     entry_id: uuid.UUID | None = None
+    #: False for a take-back (a refund or dispute of a card payment): it opens no threshold
+    #: crossing, so the card that was just refunded or disputed is not charged again for it.
+    opens_crossing: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,8 +115,8 @@ async def post_returning(movement: Movement) -> Posted:
             "WHERE id = ? AND balance + ? >= 0 "
             "RETURNING balance, recharge_threshold, recharge_seq, low_balance_level",
             movement.credits,
-            movement.credits,
-            movement.credits,
+            movement.credits if movement.opens_crossing else _NEVER_CROSSES,
+            movement.credits if movement.opens_crossing else _NEVER_CROSSES,
             movement.account_id,
             movement.credits,
         )
@@ -136,10 +142,14 @@ async def post_returning(movement: Movement) -> Posted:
             raise balance_limit_error(int(current[0]["balance"]), movement.credits)
     balance_after = int(rows[0]["balance"])
     threshold = rows[0]["recharge_threshold"]
-    below = movement.credits < 0 and crossed(
-        balance_after - movement.credits,
-        balance_after,
-        None if threshold is None else int(threshold),
+    below = (
+        movement.credits < 0
+        and movement.opens_crossing
+        and crossed(
+            balance_after - movement.credits,
+            balance_after,
+            None if threshold is None else int(threshold),
+        )
     )
     description = movement.description[:MAX_DESCRIPTION]
     entry_id = movement.entry_id or uuid.uuid4()

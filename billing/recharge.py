@@ -423,6 +423,8 @@ async def stuck_payments(limit: int = 100) -> list[uuid.UUID]:
     return [p.id for p in rows]
 
 
+#: Stripe keeps idempotency keys for 24 hours; a charge is repeated with its key only within.
+IDEMPOTENCY_KEY_LIFETIME = timedelta(hours=23)
 #: How long a payment the gateway may still move (3-D Secure waiting, a failure the customer
 #: may retry) is re-read by the sweep, and how often.
 RECHECK_FOR = timedelta(days=3)
@@ -463,6 +465,15 @@ async def heal_payment(gateway: PaymentGateway, payment_id: uuid.UUID) -> Paymen
     if payment.gateway_payment_id:
         result = await gateway.retrieve_charge(payment.gateway_payment_id)
     elif payment.status is not PaymentStatus.PENDING:
+        return payment.status
+    elif sql.now() - payment.created_at > IDEMPOTENCY_KEY_LIFETIME:
+        # Stripe keeps an idempotency key for 24 hours: sent again now, the same key could
+        # charge a second time. Its outcome is for billing staff to look up.
+        await settlement.flag(
+            payment.account_id,
+            f"Payment {payment.id} has no gateway answer after a day: look it up at the "
+            "gateway (metadata payment_id) before anything is charged again",
+        )
         return payment.status
     else:
         card = await Card.get_or_none(id=payment.card_id) if payment.card_id else None

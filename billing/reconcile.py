@@ -41,7 +41,7 @@ from billing import sql
 from billing.enums import PaymentKind, PaymentStatus, TransactionType
 from billing.gateways import GatewayUnavailable
 from billing.gateways.stripe_gateway import StripeGateway
-from billing.settlement import MISMATCH_FLAG
+from billing.settlement import REPORTED_FLAGS
 
 CREDIT_KINDS = (PaymentKind.PURCHASE.value, PaymentKind.AUTO_RECHARGE.value)
 CREDIT_TYPES = (TransactionType.PURCHASE.value, TransactionType.AUTO_RECHARGE.value)
@@ -353,13 +353,14 @@ PENDING_EVENT_AGE = timedelta(days=1)
 
 async def _flagged(report: Report, account_ids: Sequence[str] | None) -> None:
     """Accounts flagged because a gateway object contradicted one of their payments (seen by
-    a confirm, a run or the sweep; a webhook's is also a ``gateway-event`` line)."""
+    a confirm, a run or the sweep; a webhook's is also a ``gateway-event`` line), or because
+    an invoice was paid twice."""
     where_a, pa = _scope("id", account_ids)
+    likes = " OR ".join("flag_reason LIKE ?" for _ in REPORTED_FLAGS)
     rows = await sql.fetch(
-        f"SELECT id, flag_reason FROM credit_account WHERE {where_a} "
-        "AND flag_reason LIKE ? ORDER BY id",
+        f"SELECT id, flag_reason FROM credit_account WHERE {where_a} AND ({likes}) ORDER BY id",
         *pa,
-        f"{MISMATCH_FLAG}%",
+        *[f"%{prefix}%" for prefix in REPORTED_FLAGS],
     )
     for r in rows:
         report.add("flagged", r["id"], str(r["flag_reason"]))

@@ -132,6 +132,16 @@ async def _dispatch(kind: str, obj: dict[str, Any]) -> Handled:
     return EventOutcome.IGNORED, f"type {kind!r} is not handled"
 
 
+async def count_failed_attempt(event_id: int, error: str) -> None:
+    """An attempt that raised (its transaction rolled back): count it, keep the reason."""
+    await sql.execute(
+        "UPDATE gateway_event SET attempts = attempts + 1, last_error = ? "
+        "WHERE id = ? AND processed_at IS NULL",
+        error[:500],
+        event_id,
+    )
+
+
 async def pending_events(older_than_seconds: int = 0, limit: int = 100) -> list[tuple[int, int]]:
     """Stored events not processed yet (their job was lost or failed, or they wait for a
     state they need), with their attempt counts, oldest first."""
@@ -275,6 +285,7 @@ async def _take_back(
                 description=description,
                 reference=reference,
                 payment_id=payment.id,
+                opens_crossing=False,
             )
         )
     return credits - take

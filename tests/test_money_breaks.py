@@ -645,7 +645,7 @@ async def test_a_carried_amount_never_pushes_an_invoice_past_int(
     )
     with clock.travel(third + timedelta(hours=1)):
         await INVOICE_FUNCTIONS["close_monthly_invoices"](queue.ctx)
-    queue.functions.pop("charge_invoice", None)  # not charging $21M: only the close matters
+    await queue.drain()  # its charge runs here, not in a later test
     found = await Invoice.filter(account_id=admin.account_id).order_by("period_start")
     assert [i.period_start for i in found] == [first, second], [
         (i.period_start, i.status, i.amount_cents) for i in found
@@ -732,3 +732,132 @@ async def test_reconcile_reports_a_dispute_at_stripe_that_was_never_booked(
     stripe = DisputedAtStripe("sk_test_suite", api_base=h.url, max_network_retries=0)
     report = await reconcile.run([admin.account_id], stripe)
     assert report.discrepancies, "a disputed charge with its credits still here went unreported"
+
+
+# ---------------------------------------------------------------- what else the review saw
+
+
+async def test_a_refund_opens_no_threshold_crossing(
+    admin: Caller,
+    http: httpx.AsyncClient,
+    queue: InProcessQueue,
+    harness: GatewayHarness,
+) -> None:
+    """A refund (or dispute) takes credits back; it must not set off an auto-recharge on
+    the very card that was just refunded or disputed."""
+    h = stripe_only(harness)
+    payment = await _paid(admin, 500)
+    data = await admin.gql(
+        AUTO_RECHARGE,
+        {
+            "input": {
+                "enabled": True,
+                "trigger": "THRESHOLD",
+                "thresholdCredits": 300,
+                "rechargeCredits": 100,
+            }
+        },
+    )
+    assert data["updateAutoRecharge"]["errors"] == [], data
+    charge = (
+        await h.http.get(
+            f"/v1/payment_intents/{payment.gateway_payment_id}",
+            params={"expand[]": "latest_charge"},
+        )
+    ).json()["latest_charge"]
+    refunded = {**charge, "amount_refunded": 5000, "refunded": True}
+    assert (await post_event(http, event("charge.refunded", refunded))).status_code == 200
+    await queue.drain()
+    await queue.functions["sweep"](queue.ctx)
+    await queue.drain()
+    assert await balance(admin) == 0
+    assert await Payment.filter(account_id=admin.account_id, kind="AUTO_RECHARGE").count() == 0
+
+
+async def test_an_invoice_paid_twice_is_flagged_and_reconciled(admin: Caller) -> None:
+    """A late success of an older attempt's payment, after a newer attempt paid the invoice,
+    is money taken twice: the account is flagged and reconciliation reports it."""
+    from tortoise.transactions import in_transaction
+
+    from billing import invoices, reconcile, sql
+    from billing.enums import InvoiceStatus, PaymentKind
+    from billing.models import Invoice
+
+    await add_card(admin, "pm_card_visa")
+    now = sql.now()
+    invoice_id = uuid.uuid4()
+    await Invoice.create(
+        id=invoice_id,
+        account_id=admin.account_id,
+        period_start=now - timedelta(days=40),
+        period_end=now - timedelta(days=10),
+        status=InvoiceStatus.OPEN,
+        amount_cents=900,
+        currency="usd",
+        created_at=now,
+    )
+    payments = []
+    for attempt in (1, 2):
+        payments.append(
+            await Payment.create(
+                id=uuid.uuid4(),
+                account_id=admin.account_id,
+                kind=PaymentKind.INVOICE,
+                status=PaymentStatus.SUCCEEDED,
+                credits=0,
+                amount_cents=900,
+                currency="usd",
+                trigger_key=invoices.trigger_key(invoice_id, attempt),
+                created_at=now,
+                updated_at=now,
+            )
+        )
+    async with in_transaction():
+        for payment in payments:
+            await invoices.settle_payment(payment)
+    flagged = await Account.get(id=admin.account_id)
+    assert flagged.flag_reason and "Paid twice" in flagged.flag_reason
+    report = await reconcile.run([admin.account_id])
+    assert [d.check for d in report.discrepancies] == ["flagged"]
+    await Account.filter(id=admin.account_id).update(flag_reason=None, flagged_at=None)
+
+
+async def test_a_pending_payment_older_than_the_key_lifetime_is_not_charged_again(
+    admin: Caller, gateway: Any
+) -> None:
+    """Stripe forgets an idempotency key after 24 hours: the sweep does not send it again
+    (it could charge twice); the account is flagged for staff to look the payment up."""
+    from billing import recharge, sql
+    from billing.models import Card
+
+    await add_card(admin, "pm_card_visa")
+    card = await Card.get(account_id=admin.account_id)
+    old = sql.now() - timedelta(hours=30)
+    payment = await Payment.create(
+        id=uuid.uuid4(),
+        account_id=admin.account_id,
+        card_id=card.id,
+        kind="PURCHASE",
+        status=PaymentStatus.PENDING,
+        credits=100,
+        amount_cents=1000,
+        currency="usd",
+        created_at=old,
+        updated_at=old,
+    )
+    charges = gateway.charge_count
+    assert await recharge.heal_payment(gateway, payment.id) is PaymentStatus.PENDING
+    assert gateway.charge_count == charges
+    flagged = await Account.get(id=admin.account_id)
+    assert flagged.flag_reason and str(payment.id) in flagged.flag_reason
+
+
+async def test_flags_accumulate_until_staff_clear_them(admin: Caller) -> None:
+    from billing import settlement
+
+    await add_card(admin, "pm_card_visa")
+    await settlement.flag(admin.account_id, f"{settlement.MISMATCH_FLAG} first")
+    await settlement.flag(admin.account_id, "Refund exceeded the balance by 3 credits")
+    reason = (await Account.get(id=admin.account_id)).flag_reason or ""
+    assert "Refund exceeded" in reason and settlement.MISMATCH_FLAG in reason
+    await Account.filter(id=admin.account_id).update(flag_reason=None, flagged_at=None)
