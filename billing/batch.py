@@ -158,8 +158,11 @@ async def _ensure_accounts(accounts: list[str], now: Any) -> None:
 
 
 async def _claim(claimants: list[_Work], now: Any) -> set[tuple[str, str]]:
+    """Claim the keys in one INSERT, in (account, key) order: two batches holding some of
+    the same keys, in whatever order their items came, take them in one order and so
+    cannot deadlock on PostgreSQL's unique index."""
     args: list[Any] = []
-    for w in claimants:
+    for w in sorted(claimants, key=lambda w: (w.item.account_id, w.item.idempotency_key)):
         result = json.dumps({"entry_id": str(w.entry_id), "free_units": 0})
         args += [w.item.account_id, w.item.idempotency_key, _OPERATION, w.fingerprint, result, now]
     rows = await sql.fetch(
@@ -251,7 +254,7 @@ async def _apply(
         if ledger.crossed(
             int(r["balance"]), balance[acct], None if threshold is None else int(threshold)
         ):
-            recharges[acct] = int(r["recharge_seq"])
+            recharges[acct] = int(r["recharge_seq"]) + 1  # the crossing numbered it
         level = None if r["low_balance_level"] is None else int(r["low_balance_level"])
         if level is not None and lowbalance.turned_low(int(r["balance"]), balance[acct], level):
             # The batch only spends: the balance crossed the level once, at this entry.
@@ -317,11 +320,10 @@ async def _write(
             f"WITH v(id, amount) AS (VALUES {rows}) "
             "UPDATE credit_account SET balance = balance - "
             "(SELECT v.amount FROM v WHERE v.id = credit_account.id), "
-            "recharge_crossed = CASE WHEN recharge_threshold IS NOT NULL "
-            "AND balance >= recharge_threshold AND balance - "
-            "(SELECT v.amount FROM v WHERE v.id = credit_account.id) < recharge_threshold "
-            "THEN TRUE ELSE recharge_crossed END "
-            "WHERE id IN (SELECT v.id FROM v)",
+            + ledger.crossing_set(
+                "balance - (SELECT v.amount FROM v WHERE v.id = credit_account.id)"
+            )
+            + " WHERE id IN (SELECT v.id FROM v)",
             *[x for a, d in sorted(moved.items()) for x in (a, d)],
         )
     now = sql.now()

@@ -20,7 +20,7 @@ from datetime import datetime
 
 from billing import clock, idempotency, sql
 from billing.enums import ProcessType, TransactionType
-from billing.ledger import MAX_DESCRIPTION, crossed
+from billing.ledger import MAX_DESCRIPTION, crossed, crossing_set
 from billing.models import LedgerEntry
 
 _SPEND = """
@@ -29,10 +29,7 @@ WITH claim AS (
     VALUES (?, ?, 'consumeCredits', ?, ?, now())
     ON CONFLICT (account_id, key) DO NOTHING RETURNING id
 ), debit AS (
-    UPDATE credit_account SET balance = balance - ?,
-        recharge_crossed = CASE WHEN recharge_threshold IS NOT NULL
-            AND balance >= recharge_threshold AND balance - ? < recharge_threshold
-            THEN TRUE ELSE recharge_crossed END
+    UPDATE credit_account SET balance = balance - ?, {crossing}
     WHERE id = ? AND balance >= ? AND EXISTS (SELECT 1 FROM claim)
       AND (low_balance_level IS NULL OR balance < low_balance_level
            OR balance - ? >= low_balance_level)
@@ -47,7 +44,7 @@ WITH claim AS (
 SELECT (SELECT count(*) FROM claim) AS claimed, d.balance, d.recharge_threshold,
        d.recharge_seq, (SELECT created_at FROM entry) AS created_at
 FROM (SELECT 1) AS one LEFT JOIN debit AS d ON true
-"""
+""".replace("{crossing}", crossing_set("balance - ?"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +82,7 @@ async def spend(
         idempotency_key,
         fingerprint,
         json.dumps({"entry_id": str(entry_id), "free_units": 0}),
+        credits,
         credits,
         credits,
         account_id,

@@ -65,6 +65,8 @@ _ZONE_SPREAD = timedelta(hours=15)
 _LAST_INSTANT = timedelta(microseconds=1)
 _CHUNK = 500  # account ids per IN (...) list
 NO_CARD_MESSAGE = "There is no card on file to charge."
+#: The largest invoice the API can show (GraphQL Int; invariant 10).
+MAX_INVOICE_CENTS = 2**31 - 1
 AUTH_MESSAGE = "The card needs the cardholder to authenticate the payment."
 
 
@@ -198,8 +200,11 @@ async def close_month(
         carried_into_id=None,
         period_start__lt=period_start,
     )
+    usage_cents = sum(amount for _, _, amount in lines)
     carried_in = sum(int(i.amount_cents) for i in carried)
-    total = sum(amount for _, _, amount in lines) + carried_in
+    if usage_cents + carried_in > MAX_INVOICE_CENTS:
+        carried, carried_in = [], 0  # kept for a later month: this one is full already
+    total = usage_cents + carried_in
     now = sql.now()
     invoice_id = uuid.uuid4()
     if total == 0:
@@ -455,6 +460,11 @@ async def _mark_paid(invoice_id: uuid.UUID, attempt: int, payment: Payment) -> N
         if str(invoice.payment_id) != str(payment.id):
             log.error(
                 "invoice %s was already paid; payment %s also succeeded", invoice_id, payment.id
+            )
+            await settlement.flag(
+                invoice.account_id,
+                f"{settlement.PAID_TWICE_FLAG} invoice {invoice_id} was already paid; payment "
+                f"{payment.id} succeeded too: refund it",
             )
         return
     card = await Card.get_or_none(id=payment.card_id) if payment.card_id else None

@@ -24,14 +24,30 @@ MAX_CREDITS_PER_ENTRY = 100_000_000
 #: 10); the database holds the same bound (migration 0008).
 MAX_BALANCE = 2**31 - 1
 
+
 #: The debit statement's crossing rule (see ``crossed``): set ``recharge_crossed`` when this
 #: debit takes the balance from at or above the threshold to below it. ``balance`` on the
 #: right-hand side is the value before the update, in PostgreSQL and SQLite alike.
-CROSSING_SET = (
-    "recharge_crossed = CASE WHEN recharge_threshold IS NOT NULL "
-    "AND balance >= recharge_threshold AND balance + ? < recharge_threshold "
-    "THEN TRUE ELSE recharge_crossed END"
-)
+def crossing_set(after: str) -> str:
+    """The SET clause of a debit's ``UPDATE`` that records a crossing (see ``crossed``):
+    marks it open and numbers it (``recharge_seq``: the job id and trigger key of its
+    recharge), so a payment settled late for an older crossing can't close a newer one.
+    ``after`` is the balance after the debit, as an SQL expression of the old one (its
+    placeholders appear twice)."""
+    crossing = (
+        "recharge_threshold IS NOT NULL AND balance >= recharge_threshold "
+        f"AND {after} < recharge_threshold"
+    )
+    return (
+        f"recharge_crossed = CASE WHEN {crossing} THEN TRUE ELSE recharge_crossed END, "
+        f"recharge_seq = CASE WHEN {crossing} THEN recharge_seq + 1 ELSE recharge_seq END"
+    )
+
+
+CROSSING_SET = crossing_set("balance + ?")
+#: Bound into CROSSING_SET for a debit that must open no crossing: ``balance + 0`` is never
+#: below a threshold the balance is at or above.
+_NEVER_CROSSES = 0
 
 
 def crossed(before: int, after: int, threshold: int | None) -> bool:
@@ -68,6 +84,9 @@ class Movement:
     payment_id: uuid.UUID | None = None
     reverses_entry_id: uuid.UUID | None = None
     entry_id: uuid.UUID | None = None
+    #: False for a take-back (a refund or dispute of a card payment): it opens no threshold
+    #: crossing, so the card that was just refunded or disputed is not charged again for it.
+    opens_crossing: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +115,8 @@ async def post_returning(movement: Movement) -> Posted:
             "WHERE id = ? AND balance + ? >= 0 "
             "RETURNING balance, recharge_threshold, recharge_seq, low_balance_level",
             movement.credits,
-            movement.credits,
+            movement.credits if movement.opens_crossing else _NEVER_CROSSES,
+            movement.credits if movement.opens_crossing else _NEVER_CROSSES,
             movement.account_id,
             movement.credits,
         )
@@ -122,10 +142,14 @@ async def post_returning(movement: Movement) -> Posted:
             raise balance_limit_error(int(current[0]["balance"]), movement.credits)
     balance_after = int(rows[0]["balance"])
     threshold = rows[0]["recharge_threshold"]
-    below = movement.credits < 0 and crossed(
-        balance_after - movement.credits,
-        balance_after,
-        None if threshold is None else int(threshold),
+    below = (
+        movement.credits < 0
+        and movement.opens_crossing
+        and crossed(
+            balance_after - movement.credits,
+            balance_after,
+            None if threshold is None else int(threshold),
+        )
     )
     description = movement.description[:MAX_DESCRIPTION]
     entry_id = movement.entry_id or uuid.uuid4()

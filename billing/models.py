@@ -292,11 +292,12 @@ class GatewayEvent(Model):
     # what processing made of it: applied, ignored (not ours), pending (waits for a state
     # it needs: retried by the sweep), mismatch (the object contradicts our payment)
     outcome = fields.CharField(max_length=16, null=True)
+    object_id = fields.CharField(max_length=255, null=True)  # data.object.id (a dispute's, say)
 
     class Meta:
         table = "gateway_event"
         unique_together = (("source", "external_id"),)
-        indexes = (Index(fields=("processed_at", "id")),)
+        indexes = (Index(fields=("processed_at", "id")), Index(fields=("object_id", "type")))
 
 
 class Notification(Model):

@@ -39,6 +39,22 @@ class PaymentOutcome:
     errors: tuple[UserError, ...]
 
 
+async def credits_in_flight(account_id: str) -> int:
+    """Credits of the account's card payments that may still succeed and credit it
+    (``PENDING``, ``REQUIRES_ACTION``): counted against the balance limit before a new one
+    is charged."""
+    rows = await sql.fetch(
+        "SELECT COALESCE(SUM(credits), 0) AS total FROM payment WHERE account_id = ? "
+        "AND kind IN (?, ?) AND status IN (?, ?)",
+        account_id,
+        PaymentKind.PURCHASE.value,
+        PaymentKind.AUTO_RECHARGE.value,
+        PaymentStatus.PENDING.value,
+        PaymentStatus.REQUIRES_ACTION.value,
+    )
+    return int(rows[0]["total"])
+
+
 def gateway_key(payment_id: uuid.UUID | str) -> str:
     """The gateway's idempotency key for a payment row: a retry can never charge twice."""
     return f"credits-payment-{payment_id}"
@@ -94,11 +110,14 @@ async def purchase_credits(
         )
         if replay is not None:
             return await describe(uuid.UUID(str(replay.result["payment_id"])))
+        await ledger.lock_account(account_id)
         account = await Account.get(id=account_id)
-        if account.balance > ledger.MAX_BALANCE - credits:
-            # Checked before the card is charged: money taken for credits that can't be held
-            # would have to be refunded (invariant 10).
-            raise ledger.balance_limit_error(account.balance, credits)
+        in_flight = await credits_in_flight(account_id)
+        if account.balance + in_flight > ledger.MAX_BALANCE - credits:
+            # Checked before the card is charged, counting the payments still in flight:
+            # money taken for credits that can't be held would have to be refunded
+            # (invariant 10).
+            raise ledger.balance_limit_error(account.balance + in_flight, credits)
         now = sql.now()
         payment = await Payment.create(
             id=payment_id,

@@ -34,7 +34,7 @@ from billing.gateways import (
 )
 from billing.models import Account, AutoRechargeSetting, Card, Payment
 from billing.pricing import PriceBook
-from billing.purchases import gateway_key
+from billing.purchases import credits_in_flight, gateway_key
 from billing.quota import month_bounds
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ async def _start(
         return RechargeResult(Outcome.DISABLED), None, None, None
     cap = setting.monthly_limit_credits
     if (cap is not None and await _recharged_this_month(account) + credits > cap) or (
-        account.balance > ledger.MAX_BALANCE - credits
+        account.balance + await credits_in_flight(account_id) > ledger.MAX_BALANCE - credits
     ):
         # Over the monthly cap, or the credits could not be held (invariant 10): this
         # crossing is not served, and it is closed, so the sweep does not ask again.
@@ -241,7 +241,7 @@ async def settle(payment_id: uuid.UUID) -> RechargeResult:
         if setting.trigger is AutoRechargeTrigger.SCHEDULE and setting.next_run_at is not None:
             setting.next_run_at = _advance(setting.next_run_at, setting.interval_days or 1, now)
         await setting.save()
-        await _next_crossing(payment.account_id, served=True)
+        await _next_crossing(payment, served=True)
         if setting.notify:
             notices.append(
                 await notifications.queue(
@@ -260,7 +260,7 @@ async def settle(payment_id: uuid.UUID) -> RechargeResult:
             )
         return RechargeResult(Outcome.CHARGED, payment.id, tuple(n for n in notices if n))
     # Declined (or authentication required, which off-session can't satisfy).
-    await _next_crossing(payment.account_id, served=False)
+    await _next_crossing(payment, served=False)
     setting.consecutive_failures += 1
     needs_auth = payment.failure_code == "authentication_required"
     reason = payment.failure_message or "The card was declined."
@@ -301,16 +301,32 @@ async def _first_settlement(payment_id: uuid.UUID) -> bool:
     return bool(changed)
 
 
-async def _next_crossing(account_id: str, *, served: bool) -> None:
-    """A settled attempt moves to a new trigger key and job id (``recharge_seq``); a served
-    crossing (the charge succeeded) is closed, a declined one stays open for the retry
-    after the backoff."""
-    if served:
-        await close_crossing(account_id)
-    else:
-        await sql.execute(
-            "UPDATE credit_account SET recharge_seq = recharge_seq + 1 WHERE id = ?", account_id
-        )
+async def _next_crossing(payment: Payment, *, served: bool) -> None:
+    """A settled threshold attempt moves its crossing on (``recharge_seq``: a new trigger
+    key and job id); a served crossing (the charge succeeded) is closed, a declined one
+    stays open for the retry after the backoff. Only the crossing the payment was made for:
+    a payment settled late (by the sweep, after a newer crossing opened) touches nothing."""
+    seq = _threshold_seq(payment)
+    if seq is None:
+        return  # a scheduled run: crossings are not its business
+    closed = "recharge_crossed = FALSE, " if served else ""
+    await sql.execute(
+        f"UPDATE credit_account SET {closed}recharge_seq = recharge_seq + 1 "
+        "WHERE id = ? AND recharge_seq = ?",
+        payment.account_id,
+        seq,
+    )
+
+
+def _threshold_seq(payment: Payment) -> int | None:
+    """The crossing number in a threshold payment's trigger key (``threshold:acct:N``)."""
+    key = payment.trigger_key or ""
+    if not key.startswith("threshold:"):
+        return None
+    try:
+        return int(key.rsplit(":", 1)[1])
+    except ValueError:
+        return None
 
 
 async def close_crossing(account_id: str) -> None:
@@ -327,7 +343,8 @@ async def open_crossing(account_id: str) -> int:
     """Saving or enabling the setting while the balance is under its threshold counts as a
     crossing; returns the crossing number (for the job id)."""
     rows = await sql.fetch(
-        "UPDATE credit_account SET recharge_crossed = ? WHERE id = ? RETURNING recharge_seq",
+        "UPDATE credit_account SET recharge_crossed = ?, recharge_seq = recharge_seq + 1 "
+        "WHERE id = ? RETURNING recharge_seq",
         True,
         account_id,
     )
@@ -406,6 +423,8 @@ async def stuck_payments(limit: int = 100) -> list[uuid.UUID]:
     return [p.id for p in rows]
 
 
+#: Stripe keeps idempotency keys for 24 hours; a charge is repeated with its key only within.
+IDEMPOTENCY_KEY_LIFETIME = timedelta(hours=23)
 #: How long a payment the gateway may still move (3-D Secure waiting, a failure the customer
 #: may retry) is re-read by the sweep, and how often.
 RECHECK_FOR = timedelta(days=3)
@@ -446,6 +465,15 @@ async def heal_payment(gateway: PaymentGateway, payment_id: uuid.UUID) -> Paymen
     if payment.gateway_payment_id:
         result = await gateway.retrieve_charge(payment.gateway_payment_id)
     elif payment.status is not PaymentStatus.PENDING:
+        return payment.status
+    elif sql.now() - payment.created_at > IDEMPOTENCY_KEY_LIFETIME:
+        # Stripe keeps an idempotency key for 24 hours: sent again now, the same key could
+        # charge a second time. Its outcome is for billing staff to look up.
+        await settlement.flag(
+            payment.account_id,
+            f"Payment {payment.id} has no gateway answer after a day: look it up at the "
+            "gateway (metadata payment_id) before anything is charged again",
+        )
         return payment.status
     else:
         card = await Card.get_or_none(id=payment.card_id) if payment.card_id else None

@@ -10,6 +10,7 @@ Checks, for every account (or the ``--account`` ones):
   and ``AUTO_RECHARGE``; refunded ones included) has exactly one credit entry;
 - ``entry-payment``: every credit entry from a card (types ``PURCHASE`` and
   ``AUTO_RECHARGE``) has its payment: succeeded, of the same account, kind and credits;
+- ``refund``: a refunded payment's REFUND entries take no more than the refunded share;
 - ``flagged``: accounts flagged because a gateway object contradicted their payment;
   ``gateway-event``: events that did not match our payment, or still pending after a day;
 - ``stripe`` (with ``PAYMENT_GATEWAY=stripe``): each payment Stripe knows of is a
@@ -40,7 +41,7 @@ from billing import sql
 from billing.enums import PaymentKind, PaymentStatus, TransactionType
 from billing.gateways import GatewayUnavailable
 from billing.gateways.stripe_gateway import StripeGateway
-from billing.settlement import MISMATCH_FLAG
+from billing.settlement import REPORTED_FLAGS
 
 CREDIT_KINDS = (PaymentKind.PURCHASE.value, PaymentKind.AUTO_RECHARGE.value)
 CREDIT_TYPES = (TransactionType.PURCHASE.value, TransactionType.AUTO_RECHARGE.value)
@@ -251,7 +252,11 @@ async def _payments_without_one_entry(report: Report, account_ids: Sequence[str]
         "  GROUP BY payment_id"
         ") c ON c.payment_id = p.id "
         f"WHERE {where_p} AND p.kind IN ({_in(CREDIT_KINDS)}) AND p.status IN ({_in(GRANTED)}) "
-        "AND COALESCE(c.n, 0) <> 1 ORDER BY p.account_id, p.id",
+        "AND COALESCE(c.n, 0) <> 1 "
+        # Paid, not credited (the credits could not be held), and refunded in full: the
+        # money went back, nothing is owed either way.
+        "AND NOT (COALESCE(c.n, 0) = 0 AND p.refunded_cents >= p.amount_cents) "
+        "ORDER BY p.account_id, p.id",
         *pe,
         *pp,
     )
@@ -306,10 +311,40 @@ async def check_database(account_ids: Sequence[str] | None = None) -> Report:
         await _chain(report, account_id)
     await _payments_without_one_entry(report, account_ids)
     await _entries_without_payment(report, account_ids)
+    await _refund_entries(report, account_ids)
     await _flagged(report, account_ids)
     if account_ids is None:
         await _gateway_events(report)
     return report
+
+
+async def _refund_entries(report: Report, account_ids: Sequence[str] | None) -> None:
+    """A refunded payment's ``REFUND`` entries take at most the refunded share of the
+    credits it granted (less, and the account is flagged, when the balance was short)."""
+    where_p, pp = _scope("p.account_id", account_ids)
+    rows = await sql.fetch(
+        "SELECT p.id AS payment_id, p.account_id AS account_id, p.amount_cents AS amount, "
+        "p.refunded_cents AS refunded, "
+        "COALESCE((SELECT SUM(e.credits) FROM ledger_entry e WHERE e.payment_id = p.id "
+        f"  AND e.type IN ({_in(CREDIT_TYPES)})), 0) AS credited, "
+        "COALESCE((SELECT -SUM(e.credits) FROM ledger_entry e WHERE e.payment_id = p.id "
+        f"  AND e.type = '{TransactionType.REFUND.value}'), 0) AS taken "
+        f"FROM payment p WHERE {where_p} AND p.kind IN ({_in(CREDIT_KINDS)}) "
+        "AND (p.refunded_cents > 0 OR EXISTS (SELECT 1 FROM ledger_entry r "
+        f"  WHERE r.payment_id = p.id AND r.type = '{TransactionType.REFUND.value}')) "
+        "ORDER BY p.account_id, p.id",
+        *pp,
+    )
+    for r in rows:
+        share = int(r["credited"]) * int(r["refunded"]) // int(r["amount"])
+        if int(r["taken"]) > share:
+            report.add(
+                "refund",
+                r["account_id"],
+                f"payment {r['payment_id']} refunded {int(r['refunded'])} of "
+                f"{int(r['amount'])} cents: its REFUND entries take {int(r['taken'])} credits, "
+                f"more than the refunded share ({share}) of the {int(r['credited'])} granted",
+            )
 
 
 #: A gateway event still waiting this long for the state it needs is reported.
@@ -318,13 +353,14 @@ PENDING_EVENT_AGE = timedelta(days=1)
 
 async def _flagged(report: Report, account_ids: Sequence[str] | None) -> None:
     """Accounts flagged because a gateway object contradicted one of their payments (seen by
-    a confirm, a run or the sweep; a webhook's is also a ``gateway-event`` line)."""
+    a confirm, a run or the sweep; a webhook's is also a ``gateway-event`` line), or because
+    an invoice was paid twice."""
     where_a, pa = _scope("id", account_ids)
+    likes = " OR ".join("flag_reason LIKE ?" for _ in REPORTED_FLAGS)
     rows = await sql.fetch(
-        f"SELECT id, flag_reason FROM credit_account WHERE {where_a} "
-        "AND flag_reason LIKE ? ORDER BY id",
+        f"SELECT id, flag_reason FROM credit_account WHERE {where_a} AND ({likes}) ORDER BY id",
         *pa,
-        f"{MISMATCH_FLAG}%",
+        *[f"%{prefix}%" for prefix in REPORTED_FLAGS],
     )
     for r in rows:
         report.add("flagged", r["id"], str(r["flag_reason"]))
@@ -360,7 +396,9 @@ async def _gateway_payments(
         "SELECT p.id AS id, p.account_id AS account_id, p.kind AS kind, p.status AS status, "
         "p.amount_cents AS amount_cents, p.currency AS currency, "
         "p.refunded_cents AS refunded_cents, p.gateway_payment_id AS gateway_payment_id, "
-        "a.gateway_customer_id AS customer_id "
+        "a.gateway_customer_id AS customer_id, "
+        "(SELECT COUNT(*) FROM ledger_entry d WHERE d.payment_id = p.id "
+        "  AND d.reference LIKE 'dispute:%') AS dispute_entries "
         "FROM payment p JOIN credit_account a ON a.id = p.account_id "
         f"WHERE {where_p} AND (p.status IN ({_in(GRANTED)}) OR p.gateway_payment_id IS NOT NULL)"
     )
@@ -404,6 +442,8 @@ def _intent_problems(payment: dict[str, Any], intent: dict[str, Any]) -> list[st
     if customer and payment["customer_id"] and customer != payment["customer_id"]:
         problems.append(f"customer {payment['customer_id']} here, {customer} at Stripe")
     charge = intent.get("latest_charge")
+    if isinstance(charge, dict) and charge.get("disputed") and not payment["dispute_entries"]:
+        problems.append("disputed at Stripe, no dispute booked here")
     if isinstance(charge, dict) and charge.get("amount_refunded") is not None:
         refunded = int(charge["amount_refunded"])
         if refunded != int(payment["refunded_cents"] or 0):

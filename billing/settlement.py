@@ -96,9 +96,20 @@ async def mismatch_of(payment: Payment, seen: ChargeResult) -> str | None:
     return "; ".join(problems) or None
 
 
+#: How a flag for a card payment taken twice starts (reconciliation reports it too).
+PAID_TWICE_FLAG = "Paid twice:"
+#: Flags that reconciliation reports: each needs billing staff to act on money.
+REPORTED_FLAGS = (MISMATCH_FLAG, PAID_TWICE_FLAG)
+
+
 async def flag(account_id: str, reason: str) -> None:
-    """Mark an account for billing staff (shown by reconciliation)."""
-    await Account.filter(id=account_id).update(flag_reason=reason[:500], flagged_at=sql.now())
+    """Mark an account for billing staff (shown on the account; the kinds in
+    ``REPORTED_FLAGS`` also by reconciliation). A new reason is added in front of the ones
+    already there, so an earlier one is not lost before staff have cleared it."""
+    account = await Account.get_or_none(id=account_id)
+    earlier = account.flag_reason if account is not None else None
+    text = reason if not earlier or reason in earlier else f"{reason} | {earlier}"
+    await Account.filter(id=account_id).update(flag_reason=text[:500], flagged_at=sql.now())
 
 
 async def settle(payment_id: uuid.UUID, seen: ChargeResult) -> Settled:

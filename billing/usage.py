@@ -17,6 +17,7 @@ from billing import fastspend as fast
 from billing.accounts import ensure_account, validate_account_id, validate_user_id
 from billing.enums import BillingMode, ErrorCode, ProcessType, TransactionType
 from billing.errors import Validator, fail
+from billing.gateways import minimum_charge_cents
 from billing.ledger import Movement
 from billing.models import Account, Card, LedgerEntry, MeteredUsage
 from billing.pricing import PriceBook, ProcessPrice
@@ -431,8 +432,10 @@ async def record_metered(
         start,
         end,
     )
-    if int(rows[0]["total"]) + amount_cents > ledger.MAX_BALANCE:
-        # The month's invoice must fit the API's Int (invariant 10).
+    # The month's invoice (its usage, plus at most one carried amount under the minimum
+    # charge) must fit the API's Int (invariant 10).
+    headroom = ledger.MAX_BALANCE - minimum_charge_cents(book.currency)
+    if int(rows[0]["total"]) + amount_cents > headroom:
         raise fail(
             ErrorCode.BALANCE_LIMIT,
             "This month's metered usage would pass the largest invoice the service holds.",

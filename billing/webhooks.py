@@ -28,11 +28,12 @@ from enum import StrEnum
 from typing import Any
 
 from billing import cards, ledger, settlement, sql
-from billing.enums import PaymentKind, PaymentStatus, ProcessType, TransactionType
+from billing.enums import ErrorCode, PaymentKind, PaymentStatus, ProcessType, TransactionType
+from billing.errors import BillingError
 from billing.gateways import ChargeResult, ChargeStatus
 from billing.gateways.stripe_gateway import charge_result
 from billing.ledger import Movement
-from billing.models import Account, Card, LedgerEntry, Payment
+from billing.models import Account, Card, GatewayEvent, LedgerEntry, Payment
 from billing.settlement import Settled
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class EventOutcome(StrEnum):
     IGNORED = "ignored"  # not ours, or nothing to do
     PENDING = "pending"  # can't apply yet: kept, and the sweep tries again
     MISMATCH = "mismatch"  # contradicts our payment: nothing changed, account flagged
+    REJECTED = "rejected"  # signed but malformed: kept for the record, never processed
 
 
 HANDLED = frozenset(
@@ -65,10 +67,14 @@ async def record(source: str, event: dict[str, Any], *, rejected: str | None = N
     for the record, never processed."""
     sql.connection()
     now = sql.now()
+    data = event.get("data")
+    obj = data.get("object") if isinstance(data, dict) else None
+    object_id = _str_id(obj) if isinstance(obj, dict) else None
     rows = await sql.fetch(
         "INSERT INTO gateway_event (source, external_id, type, payload, received_at, attempts, "
-        "processed_at, last_error) "
-        "VALUES (?, ?, ?, ?, ?, 0, ?, ?) ON CONFLICT (source, external_id) DO NOTHING RETURNING id",
+        "processed_at, last_error, outcome, object_id) "
+        "VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?) "
+        "ON CONFLICT (source, external_id) DO NOTHING RETURNING id",
         source,
         str(event["id"]),
         str(event.get("type", ""))[:100],
@@ -76,6 +82,8 @@ async def record(source: str, event: dict[str, Any], *, rejected: str | None = N
         now,
         now if rejected is not None else None,
         f"rejected: {rejected}"[:500] if rejected is not None else None,
+        EventOutcome.REJECTED.value if rejected is not None else None,
+        object_id[:255] if object_id else None,
     )
     return int(rows[0]["id"]) if rows else None
 
@@ -132,6 +140,16 @@ async def _dispatch(kind: str, obj: dict[str, Any]) -> Handled:
     return EventOutcome.IGNORED, f"type {kind!r} is not handled"
 
 
+async def count_failed_attempt(event_id: int, error: str) -> None:
+    """An attempt that raised (its transaction rolled back): count it, keep the reason."""
+    await sql.execute(
+        "UPDATE gateway_event SET attempts = attempts + 1, last_error = ? "
+        "WHERE id = ? AND processed_at IS NULL",
+        error[:500],
+        event_id,
+    )
+
+
 async def pending_events(older_than_seconds: int = 0, limit: int = 100) -> list[tuple[int, int]]:
     """Stored events not processed yet (their job was lost or failed, or they wait for a
     state they need), with their attempt counts, oldest first."""
@@ -151,11 +169,10 @@ def _str_id(value: Any) -> str | None:
     return str(value) if value else None
 
 
-async def _find_payment(intent_id: str | None, metadata: Any) -> Payment | None:
-    """Our payment for a PaymentIntent: by the id we stored; failing that (we never learnt
-    it: a crash between the charge and its answer) by the payment id in its metadata, but
-    only while that payment has no other id (``settlement`` then checks amount, currency
-    and customer before anything moves)."""
+async def _match(intent_id: str | None, metadata: Any) -> Payment | Handled | None:
+    """Our payment for a gateway object: by the PaymentIntent id we stored. Metadata only
+    finds a payment whose id we never learnt (a crash between the charge and its answer);
+    metadata naming a payment that has another id is a mismatch, never a match."""
     if intent_id:
         payment = await Payment.get_or_none(gateway_payment_id=intent_id)
         if payment is not None:
@@ -165,12 +182,36 @@ async def _find_payment(intent_id: str | None, metadata: Any) -> Payment | None:
         payment_id = uuid.UUID(str(raw)) if raw else None
     except ValueError:
         return None
-    return await Payment.get_or_none(id=payment_id) if payment_id else None
+    payment = await Payment.get_or_none(id=payment_id) if payment_id else None
+    if payment is not None and payment.gateway_payment_id:
+        reason = (
+            f"names payment {payment.id} in its metadata but is {intent_id or 'no intent'}; "
+            f"ours is {payment.gateway_payment_id}"
+        )
+        await settlement.flag(payment.account_id, f"{settlement.MISMATCH_FLAG} {reason}")
+        return EventOutcome.MISMATCH, reason
+    return payment
 
 
-async def _is_our_customer(customer: Any) -> bool:
+async def _may_become_ours(customer: Any, metadata: Any) -> bool:
+    """Whether an object we can't match yet may still be ours: it names a payment in its
+    metadata (we always do) and its customer has a payment whose gateway id we never
+    learnt. Anything else (a charge made by hand in the dashboard, say) is not ours."""
     customer_id = _str_id(customer)
-    return bool(customer_id) and await Account.exists(gateway_customer_id=customer_id)
+    if not customer_id or not (isinstance(metadata, dict) and metadata.get("payment_id")):
+        return False
+    account = await Account.get_or_none(gateway_customer_id=customer_id)
+    return account is not None and await Payment.exists(
+        account_id=account.id, status=PaymentStatus.PENDING, gateway_payment_id=None
+    )
+
+
+async def _locked(payment: Payment) -> Payment:
+    """The payment, re-read under its row lock (PostgreSQL): events of one payment that
+    are processed at once (two workers) are applied one after the other."""
+    if sql.is_postgres(sql.connection()):
+        await sql.fetch("SELECT id FROM payment WHERE id = ? FOR UPDATE", payment.id)
+    return await Payment.get(id=payment.id)
 
 
 def _settled_outcome(result: Settled, payment: Payment) -> Handled:
@@ -181,15 +222,18 @@ def _settled_outcome(result: Settled, payment: Payment) -> Handled:
 
 async def _payment_intent(intent: dict[str, Any]) -> Handled:
     intent_id = _str_id(intent.get("id"))
-    payment = await _find_payment(intent_id, intent.get("metadata"))
-    if payment is None:
-        if await _is_our_customer(intent.get("customer")):
+    found = await _match(intent_id, intent.get("metadata"))
+    if isinstance(found, tuple):
+        return found
+    if found is None:
+        if await _may_become_ours(intent.get("customer"), intent.get("metadata")):
             return EventOutcome.PENDING, f"no payment of ours for {intent_id} yet"
         return EventOutcome.IGNORED, f"payment intent {intent_id} is not ours"
     try:
         seen = charge_result(intent)
     except KeyError as exc:
         return EventOutcome.IGNORED, f"malformed payment intent: no {exc}"
+    payment = await _locked(found)
     return _settled_outcome(await settlement.settle(payment.id, seen), payment)
 
 
@@ -233,7 +277,7 @@ def _credit_entry_kind(payment: Payment) -> ProcessType:
 
 
 async def _take_back(
-    payment: Payment, credits: int, kind: TransactionType, description: str
+    payment: Payment, credits: int, kind: TransactionType, description: str, reference: str | None
 ) -> int:
     """Remove up to ``credits`` (never below zero); return the shortfall."""
     await ledger.lock_account(payment.account_id)
@@ -247,55 +291,73 @@ async def _take_back(
                 type=kind,
                 process_type=_credit_entry_kind(payment),
                 description=description,
+                reference=reference,
                 payment_id=payment.id,
+                opens_crossing=False,
             )
         )
     return credits - take
 
 
-async def _paid_payment_for_charge(charge: dict[str, Any]) -> Payment | Handled:
-    """The payment a charge belongs to, booked as succeeded if the charge says it was paid
-    (a refund or dispute may arrive before ``payment_intent.succeeded``)."""
+async def _credited(payment: Payment) -> int:
+    """The credits this payment actually granted (0 if they could not be held)."""
+    entry = await LedgerEntry.filter(
+        payment_id=payment.id,
+        type__in=[TransactionType.PURCHASE, TransactionType.AUTO_RECHARGE],
+    ).first()
+    return int(entry.credits) if entry else 0
+
+
+async def _charge_payment(charge: dict[str, Any]) -> Payment | Handled:
+    """The payment a charge belongs to, locked, checked against the charge (amount,
+    currency, customer), and booked as succeeded if the charge says it was paid (a refund
+    may arrive before ``payment_intent.succeeded``)."""
     intent_id = _str_id(charge.get("payment_intent"))
-    payment = await _find_payment(intent_id, charge.get("metadata"))
-    if payment is None:
-        if await _is_our_customer(charge.get("customer")):
+    found = await _match(intent_id, charge.get("metadata"))
+    if isinstance(found, tuple):
+        return found
+    if found is None:
+        if intent_id and await _may_become_ours(charge.get("customer"), charge.get("metadata")):
             return EventOutcome.PENDING, f"no payment of ours for {intent_id} yet"
         return EventOutcome.IGNORED, f"charge of payment intent {intent_id} is not ours"
+    payment = await _locked(found)
+    seen = ChargeResult(
+        ChargeStatus.SUCCEEDED,
+        intent_id,
+        amount_cents=int(charge["amount"]) if charge.get("amount") is not None else None,
+        currency=str(charge["currency"]).lower() if charge.get("currency") else None,
+        customer_id=_str_id(charge.get("customer")),
+    )
+    problem = await settlement.mismatch_of(payment, seen)
+    if problem is not None:
+        await settlement.flag(
+            payment.account_id, f"{settlement.MISMATCH_FLAG} payment {payment.id}: {problem}"
+        )
+        return EventOutcome.MISMATCH, f"does not match payment {payment.id}: {problem}"
     if payment.status not in (PaymentStatus.SUCCEEDED, PaymentStatus.REFUNDED):
         if charge.get("status") == "succeeded" or charge.get("paid") is True:
-            seen = ChargeResult(
-                ChargeStatus.SUCCEEDED,
-                intent_id,
-                amount_cents=int(charge["amount"]) if charge.get("amount") is not None else None,
-                currency=str(charge["currency"]).lower() if charge.get("currency") else None,
-                customer_id=_str_id(charge.get("customer")),
-            )
-            if await settlement.settle(payment.id, seen) is Settled.MISMATCH:
-                return EventOutcome.MISMATCH, f"does not match payment {payment.id}"
+            await settlement.settle(payment.id, seen)
             payment = await Payment.get(id=payment.id)
         else:
             return EventOutcome.PENDING, f"payment {payment.id} is not paid yet"
-    elif intent_id and payment.gateway_payment_id and intent_id != payment.gateway_payment_id:
-        reason = f"names payment intent {intent_id}, ours is {payment.gateway_payment_id}"
-        await settlement.flag(payment.account_id, f"{settlement.MISMATCH_FLAG} a charge {reason}")
-        return EventOutcome.MISMATCH, reason
     return payment
 
 
 async def _charge_refunded(charge: dict[str, Any]) -> Handled:
-    found = await _paid_payment_for_charge(charge)
+    found = await _charge_payment(charge)
     if not isinstance(found, Payment):
         return found
     payment = found
     refunded_total = min(int(charge.get("amount_refunded") or 0), payment.amount_cents)
     if refunded_total <= payment.refunded_cents:
         return EventOutcome.IGNORED, "an older or repeated notice"
-    # Credits follow the refunded share of the payment, computed on totals so that
-    # several partial refunds never drift from one full refund.
+    # Credits follow the refunded share of what the payment granted, computed on totals so
+    # that several partial refunds never drift from one full refund. A payment whose
+    # credits could not be held granted nothing, so its refund takes nothing.
+    credited = await _credited(payment)
     credits = (
-        payment.credits * refunded_total // payment.amount_cents
-        - payment.credits * payment.refunded_cents // payment.amount_cents
+        credited * refunded_total // payment.amount_cents
+        - credited * payment.refunded_cents // payment.amount_cents
     )
     shortfall = (
         await _take_back(
@@ -303,6 +365,7 @@ async def _charge_refunded(charge: dict[str, Any]) -> Handled:
             credits,
             TransactionType.REFUND,
             f"Refund of {refunded_total / 100:.2f} {payment.currency.upper()} on a card payment",
+            None,
         )
         if credits > 0
         else 0
@@ -323,11 +386,23 @@ def _dispute_reference(dispute: dict[str, Any]) -> str:
     return f"dispute:{dispute.get('id')}"
 
 
+#: Stripe's inquiries (``warning_*``) withdraw no funds: nothing is taken or given back.
+_INQUIRY_PREFIX = "warning_"
+
+
 async def _dispute_payment(dispute: dict[str, Any]) -> Payment | Handled:
     intent_id = _str_id(dispute.get("payment_intent"))
-    payment = await _find_payment(intent_id, dispute.get("metadata"))
-    if payment is None:
+    found = await _match(intent_id, dispute.get("metadata"))
+    if isinstance(found, tuple):
+        return found
+    if found is None:
         return EventOutcome.IGNORED, f"dispute of payment intent {intent_id} is not ours"
+    payment = await _locked(found)
+    currency = dispute.get("currency")
+    if currency and str(currency).lower() != payment.currency.lower():
+        reason = f"dispute in {currency}, payment {payment.id} is in {payment.currency}"
+        await settlement.flag(payment.account_id, f"{settlement.MISMATCH_FLAG} {reason}")
+        return EventOutcome.MISMATCH, reason
     if payment.status not in (PaymentStatus.SUCCEEDED, PaymentStatus.REFUNDED):
         # A dispute is of a paid charge: wait for the success to be booked (the sweep
         # re-reads the PaymentIntent), then take the credits.
@@ -336,6 +411,8 @@ async def _dispute_payment(dispute: dict[str, Any]) -> Payment | Handled:
 
 
 async def _dispute_created(dispute: dict[str, Any]) -> Handled:
+    if str(dispute.get("status") or "").startswith(_INQUIRY_PREFIX):
+        return EventOutcome.IGNORED, "an inquiry: no funds are withdrawn"
     found = await _dispute_payment(dispute)
     if not isinstance(found, Payment):
         return found
@@ -345,21 +422,14 @@ async def _dispute_created(dispute: dict[str, Any]) -> Handled:
         return EventOutcome.IGNORED, "dispute already booked"
     open_cents = payment.amount_cents - payment.refunded_cents
     amount = min(int(dispute.get("amount") or open_cents), open_cents)
-    credits = payment.credits * amount // payment.amount_cents
-    await ledger.lock_account(payment.account_id)
-    balance = await ledger.balance_of(payment.account_id)
-    take = min(credits, balance)
-    if take > 0:
-        await ledger.post(
-            Movement(
-                account_id=payment.account_id,
-                credits=-take,
-                type=TransactionType.ADJUSTMENT,
-                process_type=_credit_entry_kind(payment),
-                description=f"Card payment disputed ({dispute.get('reason') or 'no reason given'})",
-                reference=reference,
-                payment_id=payment.id,
-            )
+    credits = (await _credited(payment)) * amount // payment.amount_cents
+    if credits > 0:
+        await _take_back(
+            payment,
+            credits,
+            TransactionType.ADJUSTMENT,
+            f"Card payment disputed ({dispute.get('reason') or 'no reason given'})",
+            reference,
         )
     await settlement.flag(
         payment.account_id, f"Card payment {payment.id} disputed ({dispute.get('id')})"
@@ -368,7 +438,7 @@ async def _dispute_created(dispute: dict[str, Any]) -> Handled:
 
 
 async def _dispute_closed(dispute: dict[str, Any]) -> Handled:
-    """A dispute won gives back what its opening took; lost (or anything else) keeps it."""
+    """A dispute won gives back what its opening took; lost (or an inquiry) keeps it."""
     if dispute.get("status") != "won":
         return EventOutcome.IGNORED, f"dispute closed as {dispute.get('status')}"
     found = await _dispute_payment(dispute)
@@ -378,20 +448,37 @@ async def _dispute_closed(dispute: dict[str, Any]) -> Handled:
     reference = _dispute_reference(dispute)
     taken = await LedgerEntry.filter(account_id=payment.account_id, reference=reference).first()
     if taken is None:
+        opened = await GatewayEvent.exists(
+            type="charge.dispute.created",
+            object_id=str(dispute.get("id")),
+            outcome=EventOutcome.APPLIED.value,
+        )
+        if opened:
+            return EventOutcome.IGNORED, "the dispute's opening took no credits"
         return EventOutcome.PENDING, "the dispute's opening is not booked yet"
     won = f"{reference}:won"
     if await LedgerEntry.exists(account_id=payment.account_id, reference=won):
         return EventOutcome.IGNORED, "dispute win already booked"
     await ledger.lock_account(payment.account_id)
-    await ledger.post(
-        Movement(
-            account_id=payment.account_id,
-            credits=-taken.credits,
-            type=TransactionType.ADJUSTMENT,
-            process_type=_credit_entry_kind(payment),
-            description="Card payment dispute won: credits returned",
-            reference=won,
-            payment_id=payment.id,
+    try:
+        await ledger.post(
+            Movement(
+                account_id=payment.account_id,
+                credits=-taken.credits,
+                type=TransactionType.ADJUSTMENT,
+                process_type=_credit_entry_kind(payment),
+                description="Card payment dispute won: credits returned",
+                reference=won,
+                payment_id=payment.id,
+            )
         )
-    )
+    except BillingError as exc:
+        if not any(e.code is ErrorCode.BALANCE_LIMIT for e in exc.errors):
+            raise
+        await settlement.flag(
+            payment.account_id,
+            f"Dispute {dispute.get('id')} won, but its {-taken.credits:,} credits would pass "
+            "the balance limit: not returned",
+        )
+        return EventOutcome.APPLIED, "won, but the credits could not be held (flagged)"
     return EventOutcome.APPLIED, ""

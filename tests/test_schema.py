@@ -68,6 +68,7 @@ EXPECTED_INDEXES = {
     ("payment", ("gateway_payment_id",)),
     ("gateway_event", ("source", "external_id")),
     ("gateway_event", ("processed_at", "id")),
+    ("gateway_event", ("object_id", "type")),
     ("payment", ("trigger_key",)),
     ("credit_account", ("recharge_threshold",)),
     ("notification", ("dedupe_key",)),

@@ -37,9 +37,14 @@ async def after_commit(ctx: JobContext, changed: changes.Changes) -> None:
 
 async def process_gateway_event(ctx: JobContext, event_id: int) -> bool:
     """Apply a stored gateway (Stripe) event; a no-op if it was already applied."""
-    with changes.collect() as changed:
-        async with in_transaction():
-            done = await webhooks.process(event_id)
+    try:
+        with changes.collect() as changed:
+            async with in_transaction():
+                done = await webhooks.process(event_id)
+    except Exception as exc:
+        # Counted, so one event that keeps failing does not stay first in the sweep's list.
+        await webhooks.count_failed_attempt(event_id, f"{type(exc).__name__}: {exc}")
+        raise
     await after_commit(ctx, changed)
     return done
 

@@ -1,4 +1,5 @@
 from tortoise import fields, migrations
+from tortoise.indexes import Index
 from tortoise.migrations import operations as ops
 
 # Invariant 10: every figure the API serves fits GraphQL's Int (2**31 - 1). The code refuses
@@ -72,6 +73,15 @@ class Migration(migrations.Migration):
             model_name="GatewayEvent",
             name="outcome",
             field=fields.CharField(max_length=16, null=True),
+        ),
+        ops.AddField(
+            model_name="GatewayEvent",
+            name="object_id",
+            field=fields.CharField(max_length=255, null=True),
+        ),
+        ops.AddIndex(
+            model_name="GatewayEvent",
+            index=Index(fields=["object_id", "type"]),
         ),
         ops.AddField(
             model_name="Invoice",
