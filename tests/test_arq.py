@@ -256,3 +256,98 @@ def test_app_with_job_queue_arq_sends_jobs_to_redis(
         text=True,
     ).stdout.split()
     assert keys == ["arq:job:probe"]
+
+
+# ---------------------------------------------------------------- a real `python -m workers`
+
+
+class WorkerProcess:
+    """``python -m workers`` against a Redis and a database of the test's, on loopback."""
+
+    def __init__(self, redis_url: str, database_url: str, logfile: Path) -> None:
+        self.logfile = logfile
+        self.env = {
+            **os.environ,
+            "DATABASE_URL": database_url,
+            "REDIS_URL": redis_url,
+            "JOB_QUEUE": "arq",
+            "PAYMENT_GATEWAY": "sandbox",
+            "CREDITS_JWT_SECRET": "w" * 40,
+            "LOG_FORMAT": "text",
+            "SHUTDOWN_GRACE_SECONDS": "1",
+        }
+        self.env.pop("WORKER_METRICS_PORT", None)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.logfile.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "workers"],
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """``kill -9``: no shutdown, no clean-up in Redis."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.proc = None
+
+    def log(self) -> str:
+        return self.logfile.read_text(errors="replace")
+
+
+@pytest.fixture
+def worker_process(
+    redis_server: RedisServer, db_url: str, tmp_path: Path
+) -> Iterator[WorkerProcess]:
+    worker = WorkerProcess(redis_server.url, db_url, tmp_path / "worker.log")
+    try:
+        yield worker
+    finally:
+        worker.stop()
+
+
+async def _ran(redis_url: str, function: str, job_id: str, *args: Any) -> Any:
+    """Enqueue a job and wait (bounded) for a worker to run it; returns its result."""
+    pool = await create_pool(RedisSettings.from_dsn(redis_url))
+    try:
+        job = await pool.enqueue_job(function, *args, _job_id=job_id)
+        assert job is not None, f"{job_id} was refused as a duplicate"
+        return await job.result(timeout=60, poll_delay=0.1)
+    finally:
+        await pool.aclose()
+
+
+async def test_the_worker_rides_out_a_redis_outage(
+    redis_server: RedisServer, worker_process: WorkerProcess
+) -> None:
+    """Redis stops under a running worker: the worker keeps running (it used to exit at
+    once), says so once, and runs jobs again by itself once Redis is back."""
+    worker_process.start()
+    assert await _ran(redis_server.url, "sweep", "probe-before") is not None
+    redis_server.stop()
+    for _ in range(30):  # a few seconds of outage: many failed polls
+        await asyncio.sleep(0.1)
+        assert worker_process.alive(), worker_process.log()[-3000:]
+    redis_server.start()
+    assert await _ran(redis_server.url, "sweep", "probe-after") is not None
+    assert worker_process.alive()
+    log = worker_process.log()
+    assert log.count("Redis (arq worker) is unreachable") == 1, log[-3000:]
+    assert "Redis (arq worker) is back" in log

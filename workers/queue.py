@@ -12,6 +12,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from workers.resilience import Outage
+
 log = logging.getLogger(__name__)
 
 JobFunction = Callable[..., Awaitable[Any]]
@@ -75,6 +77,7 @@ class ArqQueue:
 
     def __init__(self, pool: Any) -> None:
         self.pool = pool
+        self.outage = Outage("Redis (job queue)", log)
 
     @classmethod
     async def connect(cls, redis_url: str) -> ArqQueue:
@@ -87,8 +90,10 @@ class ArqQueue:
         try:
             await self.pool.enqueue_job(function, *args, _job_id=job_id)
         except Exception as exc:  # Redis unreachable: the sweep will catch up
-            log.warning("could not enqueue %s (%s): %s", function, job_id, exc)
+            self.outage.failed(exc)  # one warning per outage, not one per job
+            log.debug("could not enqueue %s (%s): %s", function, job_id, exc)
             return False
+        self.outage.recovered()
         return True
 
     async def ping(self) -> None:
