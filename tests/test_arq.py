@@ -351,3 +351,69 @@ async def test_the_worker_rides_out_a_redis_outage(
     log = worker_process.log()
     assert log.count("Redis (arq worker) is unreachable") == 1, log[-3000:]
     assert "Redis (arq worker) is back" in log
+
+
+async def test_a_job_whose_worker_was_killed_runs_again_within_seconds(
+    backend: str,
+    db_url: str,
+    gateway_name: str,
+    arq_app: tuple[Any, Any],
+    redis_server: RedisServer,
+    worker_process: WorkerProcess,
+    admin: Caller,
+    service: Caller,
+    staff: Caller,
+) -> None:
+    """``kill -9`` of a worker in the middle of a recharge: arq keeps the job's in-progress
+    key (it used to block that recharge for 310 s); the next worker sees that no live worker
+    runs it, frees it, and the recharge lands once, within seconds."""
+    if backend != "postgres":
+        pytest.skip("stalls the job on a PostgreSQL row lock")
+    if gateway_name != "sandbox":
+        pytest.skip("the worker process charges through its own sandbox gateway")
+    import asyncpg
+
+    from billing.models import Payment
+
+    await _setup(admin, staff, threshold=995)
+    assert (await _spend(service))["errors"] == []  # 988: its recharge job waits in Redis
+    holder = await asyncpg.connect(db_url.replace("postgres://", "postgresql://", 1))
+    try:
+        lock = holder.transaction()
+        await lock.start()
+        await holder.execute(
+            "SELECT 1 FROM credit_account WHERE id = $1 FOR NO KEY UPDATE", admin.account_id
+        )
+        worker_process.start()
+        for _ in range(600):  # until the job waits for our lock (bounded)
+            # (a transaction sees one snapshot of pg_stat_activity unless it clears it)
+            await holder.execute("SELECT pg_stat_clear_snapshot()")
+            waiting = await holder.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid() AND wait_event_type = 'Lock'"
+            )
+            if waiting:
+                break
+            assert worker_process.alive(), worker_process.log()[-3000:]
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the recharge never started: " + worker_process.log()[-3000:])
+        worker_process.kill()  # mid-job
+        await lock.rollback()
+    finally:
+        await holder.close()
+    in_progress = await arq_app[0].pool.keys("arq:in-progress:*")
+    assert len(in_progress) == 1, in_progress  # what the killed worker left behind
+
+    worker_process.start()  # a worker again (a supervisor's restart, or another replica)
+    for _ in range(600):  # bounded: well under arq's in-progress expiry
+        entries = await LedgerEntry.filter(account_id=admin.account_id, type="AUTO_RECHARGE")
+        if entries:
+            break
+        assert worker_process.alive(), worker_process.log()[-3000:]
+        await asyncio.sleep(0.1)
+    assert [e.credits for e in entries] == [500], worker_process.log()[-3000:]
+    assert "freed 1 job(s) whose worker died" in worker_process.log()
+    payments = await Payment.filter(account_id=admin.account_id, kind="AUTO_RECHARGE")
+    assert [p.status.value for p in payments] == ["SUCCEEDED"]
+    assert await assert_ledger_consistent(admin.account_id) == 1000 - 12 + 500

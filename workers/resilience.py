@@ -90,9 +90,10 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-async def reap_orphaned_jobs(redis: Any, in_progress_ttl_s: float) -> list[str]:
-    """Delete the in-progress keys no live worker claims (their worker died); returns the
-    job ids freed. A key younger than ``REAP_GRACE`` is left alone."""
+async def reap_orphaned_jobs(redis: Any, queue_name: str, in_progress_ttl_s: float) -> list[str]:
+    """Delete the in-progress keys of queued jobs no live worker claims (their worker
+    died); returns the job ids freed. A key younger than ``REAP_GRACE`` is left alone, and
+    so is the key arq keeps a while after a cron job ended (that job left the queue)."""
     running: set[str] = set()
     async for key in redis.scan_iter(match=LIVENESS_PREFIX + "*", count=200):
         raw = await redis.get(key)
@@ -106,7 +107,7 @@ async def reap_orphaned_jobs(redis: Any, in_progress_ttl_s: float) -> list[str]:
     async for key in redis.scan_iter(match=in_progress_key_prefix + "*", count=200):
         name = key.decode() if isinstance(key, bytes) else str(key)
         job_id = name[len(in_progress_key_prefix) :]
-        if job_id in running:
+        if job_id in running or await redis.zscore(queue_name, job_id) is None:
             continue
         left_ms = await redis.pttl(name)
         if left_ms < 0:  # gone meanwhile, or no expiry (not arq's): leave it
@@ -163,7 +164,7 @@ class ResilientWorker(Worker):
             )
         if now >= self._next_reap:
             self._next_reap = now + REAP_EVERY
-            await reap_orphaned_jobs(self.pool, self.in_progress_timeout_s)
+            await reap_orphaned_jobs(self.pool, self.queue_name, self.in_progress_timeout_s)
 
     async def close(self) -> None:
         if self._pool is not None:
