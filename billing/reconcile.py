@@ -10,6 +10,8 @@ Checks, for every account (or the ``--account`` ones):
   and ``AUTO_RECHARGE``; refunded ones included) has exactly one credit entry;
 - ``entry-payment``: every credit entry from a card (types ``PURCHASE`` and
   ``AUTO_RECHARGE``) has its payment: succeeded, of the same account, kind and credits;
+- ``idempotency``: no spend's key is left claimed by a spend that never happened (a
+  refused spend whose withdrawal was lost, see ``billing.idempotency``);
 - ``stripe`` (with ``PAYMENT_GATEWAY=stripe``): each of our succeeded payments is a
   PaymentIntent that Stripe reports ``succeeded``, for the same amount and currency.
 
@@ -33,7 +35,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from billing import sql
+from billing import idempotency, sql
 from billing.enums import PaymentKind, PaymentStatus, TransactionType
 from billing.gateways import GatewayUnavailable
 from billing.gateways.stripe_gateway import StripeGateway
@@ -302,6 +304,13 @@ async def check_database(account_ids: Sequence[str] | None = None) -> Report:
         await _chain(report, account_id)
     await _payments_without_one_entry(report, account_ids)
     await _entries_without_payment(report, account_ids)
+    for account_id, key in await idempotency.orphaned(list(account_ids) if account_ids else None):
+        report.add(
+            "idempotency",
+            account_id,
+            f"key {key!r} is claimed by a spend that never happened (its withdrawal was "
+            "lost; the next request with the key withdraws it)",
+        )
     return report
 
 

@@ -301,6 +301,68 @@ async def test_a_withdrawn_fast_path_claim_is_not_replayed(
     assert await entries(admin.account_id) == [30, -12]
 
 
+async def test_a_refused_spend_whose_withdrawal_failed_does_not_break_its_key(
+    backend: str, db_url: str, service: Caller, staff: Caller, admin: Caller, gateway: Any
+) -> None:
+    """On PostgreSQL a refused one-statement spend commits its key's claim and withdraws it
+    in a second statement. That DELETE fails (a BEFORE DELETE trigger that raises stands
+    for a restart): the request fails, and the claim stays behind, pointing at an entry
+    that never existed. It used to break the key for good ("did not settle"); now the next
+    request with the key withdraws the dead claim and goes ahead, and reconcile reports a
+    claim nobody came back for."""
+    if backend != "postgres":
+        pytest.skip("the one-statement spend is PostgreSQL's")
+    from datetime import timedelta
+
+    from billing import idempotency
+
+    account = admin.account_id
+    broken, other = key(), key()
+    conn = await asyncpg.connect(db_url.replace("postgres://", "postgresql://", 1))
+    trigger = f"refuse_delete_{uuid.uuid4().hex[:8]}"
+    try:
+        await conn.execute(
+            f"CREATE FUNCTION {trigger}() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'the connection dropped'; END $$"
+        )
+        await conn.execute(
+            f"CREATE TRIGGER {trigger} BEFORE DELETE ON idempotency_record "
+            f"FOR EACH ROW EXECUTE FUNCTION {trigger}()"
+        )
+        try:
+            error = await service.gql_error(CONSUME, spend_input(account, "POSTCARD", 1, broken))
+            assert error["message"] == "Internal error."
+        finally:
+            await conn.execute(f"DROP TRIGGER {trigger} ON idempotency_record")
+            await conn.execute(f"DROP FUNCTION {trigger}()")
+        [record] = await IdempotencyRecord.filter(account_id=account, key=broken)
+        assert not await LedgerEntry.exists(id=record.result["entry_id"])
+        # Nobody came back for it: reconcile says so (once it is older than its bound).
+        await conn.execute(
+            "UPDATE idempotency_record SET created_at = created_at - interval '1 minute' "
+            "WHERE account_id = $1 AND key = $2",
+            account,
+            broken,
+        )
+    finally:
+        await conn.close()
+    assert await idempotency.orphaned([account]) == [(account, broken)]
+    report = await reconcile.run([account])
+    assert [d.check for d in report.discrepancies] == ["idempotency"], report.discrepancies
+
+    # The same key is refused as it should be (not an internal error), then spends once.
+    refused = await service.gql(CONSUME, spend_input(account, "POSTCARD", 1, broken))
+    assert [e["code"] for e in refused["consumeCredits"]["errors"]] == ["INSUFFICIENT_CREDITS"]
+    await grant(staff, account, 100)
+    for _ in range(2):
+        spent = await service.gql(CONSUME, spend_input(account, "POSTCARD", 1, broken))
+        assert spent["consumeCredits"]["errors"] == [] and spent["consumeCredits"]["balance"] == 88
+    spent = await service.gql(CONSUME, spend_input(account, "POSTCARD", 1, other))
+    assert spent["consumeCredits"]["balance"] == 76
+    assert await idempotency.orphaned([account], older_than=timedelta(0)) == []
+    await reconciled(gateway, account)
+
+
 # ---------------------------------------------------------------- PostgreSQL restarted
 
 
