@@ -18,7 +18,6 @@ from graphql import GraphQLError
 from graphql.validation import ASTValidationRule, NoSchemaIntrospectionCustomRule
 from strawberry.extensions import (
     AddValidationRules,
-    MaskErrors,
     MaxAliasesLimiter,
     MaxTokensLimiter,
     ParserCache,
@@ -30,6 +29,7 @@ from tortoise.transactions import in_transaction
 
 from api import ids
 from api.context import bad_input, forbidden
+from api.errors import CodedMaskErrors
 from api.guards import SubscriptionsOverWebsocket, TextGuard
 from api.metrics import MetricsExtension
 from api.types import (
@@ -775,7 +775,7 @@ def build_schema(settings: Settings | None = None) -> strawberry.Schema:
         ValidationCache,
         TextGuard,  # no lone surrogate or NUL reaches the database
         SubscriptionsOverWebsocket,  # a subscription POSTed is refused, not a null
-        lambda: MaskErrors(should_mask_error=should_mask_error, error_message="Internal error."),
+        lambda: CodedMaskErrors(should_mask_error=should_mask_error),
     ]
     return strawberry.Schema(
         query=Query,

@@ -144,7 +144,7 @@ async def test_a_statement_failing_mid_transaction_writes_nothing(
     monkeypatch.setattr(sql, "execute", breaks)
     error = await service.gql_error(CONSUME, variables)
     monkeypatch.setattr(sql, "execute", original)
-    assert error["message"] == "Internal error."
+    assert error["extensions"] == {"code": "SERVICE_UNAVAILABLE"}  # a failure, said so
     assert await balance(admin) == 100
     assert await entries(admin.account_id) == [100]
     assert not await FreeQuotaUsage.filter(account_id=admin.account_id, used__gt=0).exists()
@@ -363,6 +363,66 @@ async def test_a_refused_spend_whose_withdrawal_failed_does_not_break_its_key(
     await reconciled(gateway, account)
 
 
+async def _hold_every_connection(count: int, release: asyncio.Event) -> list[asyncio.Task[None]]:
+    """``count`` transactions open at once (each holds a pooled connection) until
+    ``release``; returns once all of them have their connection."""
+    ready = asyncio.Barrier(count + 1)
+
+    async def hold() -> None:
+        async with in_transaction() as conn:
+            await conn.execute_query("SELECT 1")
+            await ready.wait()
+            await release.wait()
+
+    tasks = [asyncio.create_task(hold()) for _ in range(count)]
+    async with asyncio.timeout(30):
+        await ready.wait()
+    return tasks
+
+
+async def test_a_failed_begin_gives_its_connection_back(
+    backend: str, service: Caller, admin: Caller, staff: Caller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tortoise (1.1.9) kept the pooled connection of a transaction whose BEGIN raised
+    (asyncpg's InternalClientError while PostgreSQL restarts): each such failure lost one
+    for good, until requests hung. Now it goes back: after more failures than the pool
+    has connections, every connection can still be used at once; and when none is free,
+    a request fails with SERVICE_UNAVAILABLE after the acquire timeout instead of hanging."""
+    if backend != "postgres":
+        pytest.skip("the pool is asyncpg's")
+    from tortoise.backends.asyncpg.client import TransactionWrapper
+
+    client = sql.connection()
+    capacity = client.pool_maxsize  # type: ignore[attr-defined]
+
+    async def begin_fails(self: Any) -> None:
+        raise asyncpg.InternalClientError("BEGIN failed: the server is restarting")
+
+    monkeypatch.setattr(TransactionWrapper, "begin", begin_fails)
+    for _ in range(capacity + 5):
+        with pytest.raises(asyncpg.InternalClientError):
+            async with in_transaction():
+                raise AssertionError("unreachable")
+    monkeypatch.undo()
+    assert client.pool_stats()["in_use"] == 0  # type: ignore[attr-defined]
+    await grant(staff, admin.account_id, 40)
+    spent = await service.gql(CONSUME, spend_input(admin.account_id, "POSTCARD", 1, key()))
+    assert spent["consumeCredits"]["balance"] == 28
+    release = asyncio.Event()
+    holders = await _hold_every_connection(capacity, release)  # the full capacity
+    try:
+        monkeypatch.setattr(client, "acquire_timeout", 0.2)
+        error = await service.gql_error(
+            CONSUME, spend_input(admin.account_id, "POSTCARD", 1, key())
+        )
+        assert error["extensions"] == {"code": "SERVICE_UNAVAILABLE"}, error
+    finally:
+        release.set()
+        await asyncio.gather(*holders)
+    spent = await service.gql(CONSUME, spend_input(admin.account_id, "POSTCARD", 1, key()))
+    assert spent["consumeCredits"]["balance"] == 16  # and the next request works
+
+
 # ---------------------------------------------------------------- PostgreSQL restarted
 
 
@@ -523,7 +583,7 @@ def test_postgres_restarted_under_a_running_api(
         private_postgres.stop()
         down = spend_input(account, "POSTCARD", 1, key())
         assert not spent(call(base, service, CONSUME, down))  # refused, not hung
-        assert httpx.get(f"{base}/readyz", timeout=30).status_code == 503
+        assert httpx.get(f"{base}/readyz", timeout=30).status_code == 503  # the database
         private_postgres.start()
 
         again = spend_input(account, "POSTCARD", 2, key())
