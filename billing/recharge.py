@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 MAX_FAILURES = 3
 #: Wait after the n-th consecutive decline before trying that card again.
 BACKOFF = (timedelta(hours=4), timedelta(hours=12))
-STUCK_AFTER = timedelta(minutes=5)
+STUCK_AFTER = timedelta(minutes=1)  # settled from the gateway with the payment's own key
 IN_FLIGHT = (PaymentStatus.PENDING, PaymentStatus.REQUIRES_ACTION)
 
 

@@ -884,6 +884,40 @@ async def test_purchase_whose_answer_timed_out_is_charged_once(
     await reconciled(gateway, admin.account_id)
 
 
+@pytest.mark.parametrize("charged", [True, False], ids=["after-the-charge", "before-the-bank"])
+async def test_a_retry_settles_a_purchase_a_fault_left_pending(
+    sandbox_only: None,
+    admin: Caller,
+    app: Starlette,
+    gateway: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    charged: bool,
+) -> None:
+    """A purchase cut off by a fault (here: the gateway's answer lost) stays PENDING; a
+    retry with its key a few seconds later settles it from the gateway's own record, at
+    once, instead of the sweep minutes later: one charge, the credits once."""
+    from billing.purchases import RESETTLE_AFTER
+
+    await add_card(admin, "pm_card_visa")
+    monkeypatch.setattr(app.state.services, "gateway", Unanswered(gateway, charged=charged))
+    charges = gateway.charge_count
+    variables = {"input": {"credits": 300, "idempotencyKey": key()}}
+    first = (await admin.gql(PURCHASE, variables))["purchaseCredits"]
+    assert first["payment"]["status"] == "PENDING", first
+    monkeypatch.setattr(app.state.services, "gateway", gateway)  # the fault is over
+    # At once: the first request could still be at the bank, so the retry only reports.
+    assert (await admin.gql(PURCHASE, variables))["purchaseCredits"] == first
+    with clock.travel(clock.now() + RESETTLE_AFTER + timedelta(seconds=1)):
+        settled = (await admin.gql(PURCHASE, variables))["purchaseCredits"]
+        again = (await admin.gql(PURCHASE, variables))["purchaseCredits"]
+    assert settled["payment"]["status"] == "SUCCEEDED" and settled["errors"] == [], settled
+    assert settled["payment"]["id"] == first["payment"]["id"]
+    assert settled["balance"] == 300 and again == settled
+    assert gateway.charge_count == charges + 1
+    assert await entries(admin.account_id) == [300]
+    await reconciled(gateway, admin.account_id)
+
+
 class Slow:
     """The gateway, but the charge's answer waits for ``release`` (a slow bank)."""
 
