@@ -17,6 +17,7 @@ from workers.resilience import Outage
 log = logging.getLogger(__name__)
 
 JobFunction = Callable[..., Awaitable[Any]]
+REDIS_TIMEOUT = 2.0  # seconds, to connect and per command (the API's enqueues)
 
 
 class JobQueue(Protocol):
@@ -81,10 +82,16 @@ class ArqQueue:
 
     @classmethod
     async def connect(cls, redis_url: str) -> ArqQueue:
-        from arq import create_pool
-        from arq.connections import RedisSettings
+        """A queue on ``redis_url``; nothing is connected until used, so a process starts
+        (degraded) while Redis is down. Short timeouts: a request never waits long on an
+        unreachable Redis."""
+        from arq.connections import ArqRedis
 
-        return cls(await create_pool(RedisSettings.from_dsn(redis_url)))
+        return cls(
+            ArqRedis.from_url(
+                redis_url, socket_connect_timeout=REDIS_TIMEOUT, socket_timeout=REDIS_TIMEOUT
+            )
+        )
 
     async def enqueue(self, function: str, *args: Any, job_id: str) -> bool:
         try:
