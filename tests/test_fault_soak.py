@@ -249,6 +249,7 @@ def cluster(tmp_path: Path) -> Iterator[PrivatePostgres]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+@pytest.mark.timeout(int(len(PHASES) * PHASE + 240))  # the phases, start-up and the checks
 def test_the_production_shape_rides_out_each_fault(
     cluster: PrivatePostgres, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -128,7 +128,7 @@ class ResilientWorker(Worker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.worker_id = worker_id()
-        self.redis_outage = Outage("Redis (arq worker)", log)
+        self.redis_outage = Outage("Redis (arq worker)", log, cap=2.0)
         self._next_liveness = 0.0
         self._next_reap = 0.0
 
@@ -170,4 +170,8 @@ class ResilientWorker(Worker):
         if self._pool is not None:
             with contextlib.suppress(*REDIS_DOWN):
                 await self.pool.delete(LIVENESS_PREFIX + self.worker_id)
-        await super().close()
+        try:
+            await super().close()
+        except REDIS_DOWN:  # stopped during an outage: still close what the jobs opened
+            if self.on_shutdown:
+                await self.on_shutdown(self.ctx)
