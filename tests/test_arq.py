@@ -351,6 +351,12 @@ async def test_the_worker_rides_out_a_redis_outage(
     log = worker_process.log()
     assert log.count("Redis (arq worker) is unreachable") == 1, log[-3000:]
     assert "Redis (arq worker) is back" in log
+    # ...and it runs the sweep at once, for the jobs nobody could queue meanwhile.
+    for _ in range(100):  # bounded
+        if "← sweep:after-outage:" in worker_process.log():
+            break
+        await asyncio.sleep(0.1)
+    assert "← sweep:after-outage:" in worker_process.log(), worker_process.log()[-3000:]
 
 
 async def test_a_job_whose_worker_was_killed_runs_again_within_seconds(

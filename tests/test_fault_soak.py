@@ -42,7 +42,7 @@ import pytest
 from api.auth import issue_token
 from billing.enums import Role
 from billing.settings import Settings
-from tests.conftest import ROOT
+from tests.conftest import BACKEND, ROOT
 from tests.gateways import free_port
 from tests.test_arq import RedisServer, WorkerProcess
 from tests.test_faults import PG_BIN, PrivatePostgres
@@ -233,6 +233,8 @@ def cluster(tmp_path: Path) -> Iterator[PrivatePostgres]:
         pytest.skip("PostgreSQL 15's server binaries are not installed")
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed")
+    if BACKEND != "sqlite":
+        pytest.skip("runs once, in the SQLite pass: its PostgreSQL is its own either way")
     import tempfile
 
     workdir = Path(tempfile.mkdtemp(prefix="credits-soak-pg-"))

@@ -46,6 +46,7 @@ REAP_EVERY = 5.0  # seconds between looks for orphaned in-progress keys
 #: An in-progress key younger than this is never reaped: its worker may not have written
 #: its liveness record since it took the job.
 REAP_GRACE = LIVENESS_TTL
+SWEEP = "sweep"  # the job that finds what a lost enqueue left behind (workers.jobs)
 
 
 class Outage:
@@ -136,6 +137,12 @@ class ResilientWorker(Worker):
         try:
             await super()._poll_iteration()
             await self._liveness()
+            if self.redis_outage.ongoing:
+                # What could not be queued meanwhile (the API's recharge jobs): the sweep
+                # finds it now rather than at its next minute.
+                await self.pool.enqueue_job(
+                    SWEEP, _job_id=f"{SWEEP}:after-outage:{uuid.uuid4().hex[:12]}"
+                )
         except REDIS_DOWN as exc:
             await asyncio.sleep(self.redis_outage.failed(exc))
             return
