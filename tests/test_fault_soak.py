@@ -151,6 +151,7 @@ class Soak:
     purchases: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     outcomes: Counter[str] = field(default_factory=Counter)
     failures: list[float] = field(default_factory=list)  # when a request failed
+    refusals: list[float] = field(default_factory=list)  # when a spend was refused (no credits)
     mismatched_replays: int = 0
 
     async def post(
@@ -187,6 +188,7 @@ class Soak:
             spend.refused = True
             spend.failed = False
             self.outcomes["spend refused"] += 1
+            self.refusals.append(time.monotonic())
             return
         transaction = result["transaction"]["id"]
         if spend.told is not None and spend.told != transaction:
@@ -293,7 +295,10 @@ def test_the_production_shape_rides_out_each_fault(
             api.stop()
         redis.stop()
     with capsys.disabled():
-        print("\nfault soak: phase | failed requests | failures went on after the fault ended")
+        print(
+            "\nfault soak: phase | failed requests | failures went on after the fault ended"
+            " | spends refused for want of credits"
+        )
         for line in figures:
             print("  " + line)
         print(f"  outcomes: {dict(soak.outcomes)}")
@@ -367,7 +372,7 @@ async def _run(
                 ), body
         warm = 0
         for phase in PHASES:
-            failed_before = len(soak.failures)
+            failed_before, refused_before = len(soak.failures), len(soak.refusals)
             traffic = asyncio.create_task(_traffic(soak, client, PHASE))
             fault_ended = await _inject(phase, apis, worker, postgres, redis)
             await traffic
@@ -375,7 +380,8 @@ async def _run(
                 warm = apis[0].rss_kib()
             failed = soak.failures[failed_before:]
             after = max((t - fault_ended for t in failed if t > fault_ended), default=0.0)
-            figures.append(f"{phase}: {len(failed)} | {after:.1f} s")
+            refused = len(soak.refusals) - refused_before
+            figures.append(f"{phase}: {len(failed)} | {after:.1f} s | {refused}")
     return soak, figures, (warm, apis[0].rss_kib())
 
 
