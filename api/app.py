@@ -352,7 +352,10 @@ async def run_periodic(queue: InProcessQueue, settings: Settings) -> None:
         tick += 1
         for name, minutes in PERIODIC.items():
             if (tick - 1) % minutes == 0:
-                await queue.enqueue(name, job_id=f"cron:{name}:{tick}")
+                try:
+                    await queue.enqueue(name, job_id=f"cron:{name}:{tick}")
+                except Exception:  # the ticker outlives any one tick (the jobs log their own)
+                    log.exception("could not start the periodic job %s", name)
 
 
 @dataclass
