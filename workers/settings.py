@@ -90,8 +90,15 @@ def cron_jobs() -> list[Any]:
         at = {5} if minutes >= 60 else set(range(0, 60, minutes))
         job = instrument(name, FUNCTIONS[name])
         timeout = JOB_TIMEOUTS.get(name, DEFAULT_JOB_TIMEOUT)
-        jobs.append(cron(job, name=f"cron:{name}", minute=at, second=0, timeout=timeout))  # type: ignore[arg-type]
+        second = SECONDS.get(name, {0})
+        jobs.append(cron(job, name=f"cron:{name}", minute=at, second=second, timeout=timeout))  # type: ignore[arg-type]
     return jobs
+
+
+#: Periodic jobs run more often than each minute, at these seconds: the sweep settles
+#: what a fault left half-done (a payment stuck PENDING past ``recharge.STUCK_AFTER``, a
+#: recharge nobody could queue) within seconds of the fault ending, not minutes.
+SECONDS: dict[str, set[int]] = {"sweep": {0, 15, 30, 45}}
 
 
 def worker_redis_settings(redis_url: str) -> RedisSettings:
