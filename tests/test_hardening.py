@@ -340,3 +340,26 @@ async def test_graphiql_page_in_production_only_when_enabled(make_app: MakeApp) 
         response = await c.get("/graphql", headers={"Accept": "text/html"})
         assert response.status_code == 200
         assert "Purchase Credits · GraphiQL" in response.text
+
+
+async def test_a_failure_before_graphql_runs_answers_as_a_coded_failure(
+    caller: MakeCaller, account_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first request of a caller records it (the account, the member) before GraphQL
+    runs; the database failing there used to escape as a bare 500 page. Now it is the same
+    coded, counted failure as inside GraphQL; the next request, once it is back, works."""
+    from billing.errors import DatabaseUnavailable
+
+    async def unavailable(*args: Any, **kwargs: Any) -> None:
+        raise DatabaseUnavailable("no database connection became free within 10 s")
+
+    admin = caller(account_id, Role.ADMIN, email="a@example.com")
+    monkeypatch.setattr("api.app.record_member", unavailable)
+    before = _unexpected("SERVICE_UNAVAILABLE")
+    response = await admin.raw(ops.BALANCE)
+    assert response.status_code == 503, response.text
+    (error,) = response.json()["errors"]
+    assert error["extensions"] == {"code": "SERVICE_UNAVAILABLE"} and "10 s" not in response.text
+    assert _unexpected("SERVICE_UNAVAILABLE") == before + 1
+    monkeypatch.undo()
+    assert (await admin.gql(ops.BALANCE))["creditAccount"]["balance"] == 0
