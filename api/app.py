@@ -27,6 +27,7 @@ from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
 from strawberry.exceptions import ConnectionRejectionError
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
+from strawberry.types import ExecutionResult
 from strawberry.types.unset import UNSET, UnsetType
 from tortoise.contrib.starlette import RegisterTortoise
 
@@ -35,6 +36,16 @@ from api import page
 from api.auth import AuthError, Principal, authenticate, bearer_token
 from api.bodies import BoundedBody
 from api.context import Context
+from api.errors import (
+    GRAPHQL_RESPONSE,
+    INTERNAL_MESSAGE,
+    UNAVAILABLE,
+    UNAVAILABLE_MESSAGE,
+    UNEXPECTED,
+    code_of,
+    status_for,
+    wants_graphql_response,
+)
 from api.graphiql import graphiql_page
 from api.observability import RequestIdMiddleware, readiness
 from api.reports import transactions_csv
@@ -93,7 +104,26 @@ class CreditsGraphQL(GraphQL[Context, None]):
             raise HTTPException(400, "The request body must be a JSON object")
         return value  # a list (a batch) is refused by Strawberry: batching is off
 
+    async def process_result(self, request: Request, result: ExecutionResult) -> Any:
+        """With ``application/graphql-response+json``, real status codes (``api.errors``)."""
+        processed = await super().process_result(request, result)
+        if wants_graphql_response(request.headers.get("accept", "")):
+            response = request.scope.get("state", {}).get("graphql_sub_response")
+            if response is not None:
+                response.status_code = status_for(processed)
+                response.graphql_media_type = GRAPHQL_RESPONSE
+        return processed
+
+    def create_response(self, response_data: Any, sub_response: Response) -> Response:
+        response = super().create_response(response_data, sub_response)
+        media_type = getattr(sub_response, "graphql_media_type", None)
+        if media_type is not None:
+            response.headers["content-type"] = f"{media_type}; charset=utf-8"
+        return response
+
     async def get_context(self, request: Any, response: Any) -> Context:
+        if hasattr(request, "scope"):  # for process_result (an HTTP request's response)
+            request.scope.setdefault("state", {})["graphql_sub_response"] = response
         # A websocket is anonymous until its connection_init is accepted (on_ws_connect).
         principal: Principal = request.scope.get("state", {}).get("principal", ANONYMOUS)
         s = self.services
@@ -176,7 +206,12 @@ class GraphQLEndpoint:
                     await response(scope, receive, send)
                     return
                 # The body was read already, within its bounds: api.bodies.BoundedBody.
-                await self._provision(principal)
+                try:
+                    await self._provision(principal)
+                except Exception as exc:  # outside GraphQL: answer as its masking would
+                    log.exception("could not record the caller of a GraphQL request")
+                    await _unexpected(exc)(scope, receive, send)
+                    return
                 scope.setdefault("state", {})["principal"] = principal
         elif scope["type"] == "websocket":
             receive = _bounded_socket(receive, send, self.settings.max_body_bytes)
@@ -213,6 +248,16 @@ CLOSE_AFTER_EXPIRY_SECONDS = 1.0
 TOKEN_EXPIRED = 4401  # graphql-transport-ws's "Unauthorized"
 
 
+def _unexpected(exc: Exception) -> Response:
+    code = code_of(exc)
+    UNEXPECTED.labels(code).inc()
+    message = UNAVAILABLE_MESSAGE if code == UNAVAILABLE else INTERNAL_MESSAGE
+    return JSONResponse(
+        {"errors": [{"message": message, "extensions": {"code": code}}]},
+        status_code=503 if code == UNAVAILABLE else 500,
+    )
+
+
 async def _close_at(socket: WebSocket, expires_at: float) -> None:
     await asyncio.sleep(max(0.0, expires_at - time.time()) + CLOSE_AFTER_EXPIRY_SECONDS)
     log.info("closing a websocket: its token expired")
@@ -243,13 +288,17 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """Ready when the database (and Redis, when jobs go through arq) answer in time."""
+    """Ready when the database answers in time: every request needs it. Redis (when jobs
+    go through arq) is reported, but its loss only degrades the service (spends, purchases
+    and reads go on; jobs are queued again by the sweep once it is back), so it never pulls
+    a replica out of a load balancer: ``"status": "degraded"`` with 200."""
     services: Services = request.app.state.services
     checks = await readiness(services.settings, services.queue)
-    ready = all(state == "up" for state in checks.values())
-    return JSONResponse(
-        {"status": "ok" if ready else "unavailable", **checks}, status_code=200 if ready else 503
-    )
+    api_metrics.observe_dependencies(checks)
+    if checks.get("database") != "up":
+        return JSONResponse({"status": "unavailable", **checks}, status_code=503)
+    degraded = any(state != "up" for state in checks.values())
+    return JSONResponse({"status": "degraded" if degraded else "ok", **checks})
 
 
 async def stripe_webhook(request: Request) -> Response:
@@ -303,7 +352,10 @@ async def run_periodic(queue: InProcessQueue, settings: Settings) -> None:
         tick += 1
         for name, minutes in PERIODIC.items():
             if (tick - 1) % minutes == 0:
-                await queue.enqueue(name, job_id=f"cron:{name}:{tick}")
+                try:
+                    await queue.enqueue(name, job_id=f"cron:{name}:{tick}")
+                except Exception:  # the ticker outlives any one tick (the jobs log their own)
+                    log.exception("could not start the periodic job %s", name)
 
 
 @dataclass

@@ -22,6 +22,7 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -200,6 +201,37 @@ def _known_fields(schema: GraphQLSchema) -> frozenset[str]:
     return frozenset(name for root in roots if root is not None for name in root.fields)
 
 
+DEPENDENCY_UP = Gauge(
+    "credits_dependency_up",
+    "1 when the dependency answered the last readiness check (/readyz), else 0.",
+    ["dependency"],
+    multiprocess_mode="liveall",
+)
+DB_POOL = Gauge(
+    "credits_db_pool_connections",
+    "PostgreSQL connection pool of this process: max, size, idle and in_use connections.",
+    ["state"],
+    multiprocess_mode="liveall",
+)
+
+
+def observe_dependencies(checks: dict[str, str]) -> None:
+    for name, state in checks.items():
+        DEPENDENCY_UP.labels(name).set(1 if state == "up" else 0)
+
+
+def _observe_pool() -> None:
+    from billing import sql  # the ORM may not be up (metrics are served regardless)
+
+    try:
+        stats = getattr(sql.connection(), "pool_stats", None)
+    except Exception:
+        return
+    if stats is not None:
+        for state, value in stats().items():
+            DB_POOL.labels(state).set(value)
+
+
 def observe_http(method: str, route: str, status: int, seconds: float) -> None:
     """``route`` is a route's path template (or ``unmatched``): a bounded set."""
     method = method if method in METHODS else "other"
@@ -233,4 +265,5 @@ async def metrics(request: Request) -> Response:
                 media_type="text/plain",
                 headers={"WWW-Authenticate": "Bearer"},
             )
+    _observe_pool()
     return Response(generate_latest(registry()), media_type=CONTENT_TYPE_LATEST)

@@ -90,13 +90,21 @@ class RequestIdMiddleware:
                 )
 
 
+_failing: set[str] = set()  # checks failing now: logged once per outage, not per probe
+
+
 async def _check(name: str, probe: Any, seconds: float) -> tuple[str, str]:
     try:
         async with asyncio.timeout(seconds):
             await probe
-    except Exception as exc:  # any failure (or a hang) means not ready
-        readiness_log.warning("readiness check %s failed: %s", name, exc or type(exc).__name__)
+    except Exception as exc:  # any failure (or a hang) means down
+        if name not in _failing:
+            _failing.add(name)
+            readiness_log.warning("readiness check %s failed: %s", name, exc or type(exc).__name__)
         return name, "down"
+    if name in _failing:
+        _failing.discard(name)
+        readiness_log.info("readiness check %s passes again", name)
     return name, "up"
 
 

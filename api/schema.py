@@ -18,7 +18,6 @@ from graphql import GraphQLError, ObjectValueNode, VariableNode
 from graphql.validation import ASTValidationRule, NoSchemaIntrospectionCustomRule
 from strawberry.extensions import (
     AddValidationRules,
-    MaskErrors,
     MaxTokensLimiter,
     ParserCache,
     SchemaExtension,
@@ -29,6 +28,7 @@ from api import ids
 from api.bounded import DEFAULT_OPERATION_TIMEOUT_SECONDS, BoundedSchema, CachedValidation
 from api.context import Context, bad_input, forbidden
 from api.cost import MAX_ALIASES, MAX_FIELDS, MAX_QUERY_DEPTH, CostLimit
+from api.errors import CodedMaskErrors
 from api.guards import FreshToken, OperationNameRequired, SubscriptionsOverWebsocket, TextGuard
 from api.metrics import MetricsExtension
 from api.permissions import Permissions, Reach
@@ -880,7 +880,7 @@ def build_schema(settings: Settings | None = None) -> strawberry.Schema:
         TextGuard,  # no lone surrogate or NUL reaches the database
         SubscriptionsOverWebsocket,  # a subscription POSTed is refused, not a null
         RawVariables,  # given_fields reads what the request itself sent
-        lambda: MaskErrors(should_mask_error=should_mask_error, error_message="Internal error."),
+        lambda: CodedMaskErrors(should_mask_error=should_mask_error),
     ]
     return BoundedSchema(
         query=Query,

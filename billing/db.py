@@ -35,6 +35,9 @@ def _connection(db_url: str) -> str | dict[str, Any]:
     credentials = config["credentials"]
     credentials.setdefault("maxsize", DEFAULT_POOL_SIZE)
     credentials["connection_class"] = _NoResetConnection
+    # Tortoise's asyncpg client, with a connection given back when BEGIN fails and a
+    # bounded wait for one (see billing.pgclient).
+    config["engine"] = "billing.pgclient"
     return config
 
 

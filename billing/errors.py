@@ -47,3 +47,10 @@ class Validator:
     def check(self) -> None:
         if self.errors:
             raise BillingError(self.errors)
+
+
+class DatabaseUnavailable(Exception):
+    """The database can't serve right now (no connection became free in time): an outage,
+    not a bug. The API answers it with ``extensions.code = "SERVICE_UNAVAILABLE"``."""
+
+    code = "SERVICE_UNAVAILABLE"

@@ -103,11 +103,15 @@ async def spend(
     if not row["claimed"]:
         return TAKEN
     if row["balance"] is None:
+        # Withdraw this claim, and only this one (its entry id): a twin may already have
+        # withdrawn it and claimed the key anew. If this statement is lost, the claim
+        # heals itself (``idempotency.withdraw_unsettled``).
         await sql.execute(
-            "DELETE FROM idempotency_record WHERE account_id = ? AND key = ? AND fingerprint = ?",
+            "DELETE FROM idempotency_record WHERE account_id = ? AND key = ? "
+            "AND result->>'entry_id' = ?",
             account_id,
             idempotency_key,
-            fingerprint,
+            str(entry_id),
         )
         return None
     balance = int(row["balance"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 
 from tortoise.transactions import in_transaction
 
@@ -89,6 +90,9 @@ async def purchase_credits(
     idempotency.check_key(idempotency_key)
     await ensure_account(account_id)
     params = {"credits": credits, "cardId": str(card_id) if card_id_given else None}
+    retried = await idempotency.lookup(account_id, idempotency_key, "purchaseCredits", params)
+    if retried is not None:  # a retry: settle a payment a fault left PENDING (issue 12)
+        await settle_stale(gateway, uuid.UUID(str(retried.result["payment_id"])))
     async with in_transaction():
         earlier = await idempotency.lookup(account_id, idempotency_key, "purchaseCredits", params)
         if earlier is not None:
@@ -154,6 +158,29 @@ async def purchase_credits(
     async with in_transaction():
         await settlement.settle(payment.id, result)
     return await describe(payment.id)
+
+
+#: A retry that finds its purchase still PENDING this long after the payment was last
+#: written re-reads it at the gateway: the first request was cut off (a restart, a lost
+#: answer), and the retry settles it now instead of the sweep minutes later. Younger, the
+#: first request may still be waiting for the bank: the retry just reports PENDING.
+RESETTLE_AFTER = timedelta(seconds=5)
+
+
+async def settle_stale(gateway: PaymentGateway, payment_id: uuid.UUID) -> None:
+    """Settle a payment left PENDING for ``RESETTLE_AFTER`` from the gateway's own record
+    (with the payment's own idempotency key: never a second charge); a no-op otherwise."""
+    payment = await Payment.get_or_none(id=payment_id)
+    if payment is None or payment.status is not PaymentStatus.PENDING:
+        return
+    if payment.updated_at > sql.now() - RESETTLE_AFTER:
+        return
+    from billing.recharge import heal_payment  # recharge builds on this module
+
+    try:
+        await heal_payment(gateway, payment_id)
+    except GatewayUnavailable as exc:
+        log.warning("payment %s is still PENDING: the gateway is unavailable (%s)", payment_id, exc)
 
 
 async def describe(payment_id: uuid.UUID) -> PaymentOutcome:

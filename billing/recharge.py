@@ -42,7 +42,9 @@ log = logging.getLogger(__name__)
 MAX_FAILURES = 3
 #: Wait after the n-th consecutive decline before trying that card again.
 BACKOFF = (timedelta(hours=4), timedelta(hours=12))
-STUCK_AFTER = timedelta(minutes=5)
+#: A payment PENDING this long is settled from the gateway with its own key (never a
+#: second charge); past a charge job's time limit, so a running job is not raced.
+STUCK_AFTER = timedelta(seconds=30)
 IN_FLIGHT = (PaymentStatus.PENDING, PaymentStatus.REQUIRES_ACTION)
 
 

@@ -11,6 +11,8 @@ Checks, for every account (or the ``--account`` ones):
 - ``entry-payment``: every credit entry from a card (types ``PURCHASE`` and
   ``AUTO_RECHARGE``) has its payment: succeeded, of the same account, kind and credits;
 - ``refund``: a refunded payment's REFUND entries take no more than the refunded share;
+- ``idempotency``: no spend's key is left claimed by a spend that never happened (a
+  refused spend whose withdrawal was lost, see ``billing.idempotency``);
 - ``flagged``: accounts flagged because a gateway object contradicted their payment;
   ``gateway-event``: events that did not match our payment, or still pending after a day;
 - ``stripe`` (with ``PAYMENT_GATEWAY=stripe``): each payment Stripe knows of is a
@@ -37,7 +39,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from billing import sql
+from billing import idempotency, sql
 from billing.enums import PaymentKind, PaymentStatus, TransactionType
 from billing.gateways import GatewayUnavailable
 from billing.gateways.stripe_gateway import StripeGateway
@@ -312,6 +314,13 @@ async def check_database(account_ids: Sequence[str] | None = None) -> Report:
     await _payments_without_one_entry(report, account_ids)
     await _entries_without_payment(report, account_ids)
     await _refund_entries(report, account_ids)
+    for account_id, key in await idempotency.orphaned(list(account_ids) if account_ids else None):
+        report.add(
+            "idempotency",
+            account_id,
+            f"key {key!r} is claimed by a spend that never happened (its withdrawal was "
+            "lost; the next request with the key withdraws it)",
+        )
     await _flagged(report, account_ids)
     if account_ids is None:
         await _gateway_events(report)

@@ -136,6 +136,7 @@ async def consume(
 
 
 _REPLAY_WAITS = 50
+_REPLAY_SLEEP = 0.02  # 50 waits outlast idempotency.UNSETTLED_AFTER
 
 
 def _consume_params(
@@ -165,7 +166,9 @@ async def replay_when_settled(
         entry_id = record.result.get("entry_id")
         if entry_id is None or await LedgerEntry.exists(id=entry_id, account_id=account_id):
             return await _replay_consume(account_id, record.result)
-        await asyncio.sleep(0.01)
+        if await idempotency.withdraw_unsettled(account_id, key, str(entry_id)):
+            return None  # its withdrawal was lost: withdrawn now, the key is free
+        await asyncio.sleep(_REPLAY_SLEEP)
     raise RuntimeError(f"idempotency key {key!r} of {account_id} did not settle")
 
 
@@ -207,8 +210,10 @@ async def consume_in_transaction(
         if first_entry is None or await LedgerEntry.exists(id=first_entry, account_id=account_id):
             return await _replay_consume(account_id, replay.result)
         # A fast-path claim whose spend was refused, about to be withdrawn (its entry
-        # would have come in the same statement): claim again once it is gone.
-        await asyncio.sleep(0.01)
+        # would have come in the same statement): claim again once it is gone, or
+        # withdraw it when its own withdrawal was lost.
+        if not await idempotency.withdraw_unsettled(account_id, idempotency_key, str(first_entry)):
+            await asyncio.sleep(_REPLAY_SLEEP)
     else:
         raise RuntimeError(f"idempotency key {idempotency_key!r} of {account_id} did not settle")
 

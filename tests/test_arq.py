@@ -256,3 +256,170 @@ def test_app_with_job_queue_arq_sends_jobs_to_redis(
         text=True,
     ).stdout.split()
     assert keys == ["arq:job:probe"]
+
+
+# ---------------------------------------------------------------- a real `python -m workers`
+
+
+class WorkerProcess:
+    """``python -m workers`` against a Redis and a database of the test's, on loopback."""
+
+    def __init__(self, redis_url: str, database_url: str, logfile: Path) -> None:
+        self.logfile = logfile
+        self.env = {
+            **os.environ,
+            "DATABASE_URL": database_url,
+            "REDIS_URL": redis_url,
+            "JOB_QUEUE": "arq",
+            "PAYMENT_GATEWAY": "sandbox",
+            "CREDITS_JWT_SECRET": "w" * 40,
+            "LOG_FORMAT": "text",
+            "SHUTDOWN_GRACE_SECONDS": "1",
+        }
+        self.env.pop("WORKER_METRICS_PORT", None)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.logfile.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "workers"],
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """``kill -9``: no shutdown, no clean-up in Redis."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.proc = None
+
+    def log(self) -> str:
+        return self.logfile.read_text(errors="replace")
+
+
+@pytest.fixture
+def worker_process(
+    redis_server: RedisServer, db_url: str, tmp_path: Path
+) -> Iterator[WorkerProcess]:
+    worker = WorkerProcess(redis_server.url, db_url, tmp_path / "worker.log")
+    try:
+        yield worker
+    finally:
+        worker.stop()
+
+
+async def _ran(redis_url: str, function: str, job_id: str, *args: Any) -> Any:
+    """Enqueue a job and wait (bounded) for a worker to run it; returns its result."""
+    pool = await create_pool(RedisSettings.from_dsn(redis_url))
+    try:
+        job = await pool.enqueue_job(function, *args, _job_id=job_id)
+        assert job is not None, f"{job_id} was refused as a duplicate"
+        return await job.result(timeout=60, poll_delay=0.1)
+    finally:
+        await pool.aclose()
+
+
+async def test_the_worker_rides_out_a_redis_outage(
+    redis_server: RedisServer, worker_process: WorkerProcess
+) -> None:
+    """Redis stops under a running worker: the worker keeps running (it used to exit at
+    once), says so once, and runs jobs again by itself once Redis is back."""
+    worker_process.start()
+    assert await _ran(redis_server.url, "sweep", "probe-before") is not None
+    redis_server.stop()
+    for _ in range(30):  # a few seconds of outage: many failed polls
+        await asyncio.sleep(0.1)
+        assert worker_process.alive(), worker_process.log()[-3000:]
+    redis_server.start()
+    assert await _ran(redis_server.url, "sweep", "probe-after") is not None
+    assert worker_process.alive()
+    log = worker_process.log()
+    assert log.count("Redis (arq worker) is unreachable") == 1, log[-3000:]
+    assert "Redis (arq worker) is back" in log
+    # ...and it runs the sweep at once, for the jobs nobody could queue meanwhile.
+    for _ in range(100):  # bounded
+        if "← sweep:after-outage:" in worker_process.log():
+            break
+        await asyncio.sleep(0.1)
+    assert "← sweep:after-outage:" in worker_process.log(), worker_process.log()[-3000:]
+
+
+async def test_a_job_whose_worker_was_killed_runs_again_within_seconds(
+    backend: str,
+    db_url: str,
+    gateway_name: str,
+    arq_app: tuple[Any, Any],
+    redis_server: RedisServer,
+    worker_process: WorkerProcess,
+    admin: Caller,
+    service: Caller,
+    staff: Caller,
+) -> None:
+    """``kill -9`` of a worker in the middle of a recharge: arq keeps the job's in-progress
+    key (it used to block that recharge for 310 s); the next worker sees that no live worker
+    runs it, frees it, and the recharge lands once, within seconds."""
+    if backend != "postgres":
+        pytest.skip("stalls the job on a PostgreSQL row lock")
+    if gateway_name != "sandbox":
+        pytest.skip("the worker process charges through its own sandbox gateway")
+    import asyncpg
+
+    from billing.models import Payment
+
+    await _setup(admin, staff, threshold=995)
+    assert (await _spend(service))["errors"] == []  # 988: its recharge job waits in Redis
+    holder = await asyncpg.connect(db_url.replace("postgres://", "postgresql://", 1))
+    try:
+        lock = holder.transaction()
+        await lock.start()
+        await holder.execute(
+            "SELECT 1 FROM credit_account WHERE id = $1 FOR NO KEY UPDATE", admin.account_id
+        )
+        worker_process.start()
+        for _ in range(600):  # until the job waits for our lock (bounded)
+            # (a transaction sees one snapshot of pg_stat_activity unless it clears it)
+            await holder.execute("SELECT pg_stat_clear_snapshot()")
+            waiting = await holder.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid() AND wait_event_type = 'Lock'"
+            )
+            if waiting:
+                break
+            assert worker_process.alive(), worker_process.log()[-3000:]
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the recharge never started: " + worker_process.log()[-3000:])
+        worker_process.kill()  # mid-job
+        await lock.rollback()
+    finally:
+        await holder.close()
+    in_progress = await arq_app[0].pool.keys("arq:in-progress:*")
+    assert len(in_progress) == 1, in_progress  # what the killed worker left behind
+
+    worker_process.start()  # a worker again (a supervisor's restart, or another replica)
+    for _ in range(600):  # bounded: well under arq's in-progress expiry
+        entries = await LedgerEntry.filter(account_id=admin.account_id, type="AUTO_RECHARGE")
+        if entries:
+            break
+        assert worker_process.alive(), worker_process.log()[-3000:]
+        await asyncio.sleep(0.1)
+    assert [e.credits for e in entries] == [500], worker_process.log()[-3000:]
+    assert "freed 1 job(s) whose worker died" in worker_process.log()
+    payments = await Payment.filter(account_id=admin.account_id, kind="AUTO_RECHARGE")
+    assert [p.status.value for p in payments] == ["SUCCEEDED"]
+    assert await assert_ledger_consistent(admin.account_id) == 1000 - 12 + 500

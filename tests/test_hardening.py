@@ -214,10 +214,67 @@ async def test_unexpected_exceptions_are_masked(
     assert body["data"] is None
     (error,) = body["errors"]
     assert error["message"] == "Internal error."
-    assert "hunter2" not in response.text and "extensions" not in error
+    assert error["extensions"] == {"code": "INTERNAL_SERVER_ERROR"}
+    assert "hunter2" not in response.text
     assert error["path"] == ["creditAccount"]
     # ...while the server's log keeps the real cause.
     assert "hunter2" in caplog.text
+
+
+def _unexpected(code: str) -> float:
+    from prometheus_client import REGISTRY
+
+    value = REGISTRY.get_sample_value("credits_graphql_unexpected_errors_total", {"code": code})
+    return value or 0.0
+
+
+async def test_unexpected_failures_answer_as_failures_over_graphql_response_json(
+    admin: Caller, http: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GraphQL over HTTP: a client that accepts application/graphql-response+json gets real
+    status codes: 500 (503 when the database is unavailable) and no data for an operation
+    that failed for an unexpected reason, 400 for a document that can't run; each
+    unexpected failure is counted. With application/json it stays 200."""
+    from billing.errors import DatabaseUnavailable
+
+    async def broken(account_id: str) -> Any:
+        raise RuntimeError("a bug")
+
+    async def busy(account_id: str) -> Any:
+        raise DatabaseUnavailable("no database connection became free within 10 s")
+
+    headers = {
+        "Authorization": f"Bearer {admin.token}",
+        "Accept": "application/graphql-response+json, application/json;q=0.9",
+    }
+
+    async def post(query: str) -> Any:
+        return await http.post("/graphql", json={"query": query}, headers=headers)
+
+    monkeypatch.setattr("api.schema.get_account", broken)
+    before = _unexpected("INTERNAL_SERVER_ERROR")
+    response = await post(ops.BALANCE)
+    assert response.status_code == 500, response.text
+    assert response.headers["content-type"].startswith("application/graphql-response+json")
+    body = response.json()
+    assert "data" not in body
+    assert body["errors"][0]["extensions"] == {"code": "INTERNAL_SERVER_ERROR"}
+    assert _unexpected("INTERNAL_SERVER_ERROR") == before + 1
+    plain = await admin.raw(ops.BALANCE)  # application/json: 200, data null, coded
+    assert plain.status_code == 200 and plain.json()["data"] is None
+    assert plain.json()["errors"][0]["extensions"]["code"] == "INTERNAL_SERVER_ERROR"
+
+    monkeypatch.setattr("api.schema.get_account", busy)
+    response = await post(ops.BALANCE)
+    assert response.status_code == 503, response.text
+    (error,) = response.json()["errors"]
+    assert error["extensions"] == {"code": "SERVICE_UNAVAILABLE"}
+    assert "10 s" not in error["message"]
+
+    response = await post("{ nosuchfield }")
+    assert response.status_code == 400 and "data" not in response.json()
+    response = await post("{ viewer { userId } }")  # a success is a 200 with data
+    assert response.status_code == 200 and response.json()["data"]["viewer"]["userId"]
 
 
 async def test_coded_errors_and_user_errors_stay_visible(
@@ -285,3 +342,26 @@ async def test_graphiql_page_in_production_only_when_enabled(make_app: MakeApp) 
         response = await c.get("/graphql", headers={"Accept": "text/html"})
         assert response.status_code == 200
         assert "Purchase Credits · GraphiQL" in response.text
+
+
+async def test_a_failure_before_graphql_runs_answers_as_a_coded_failure(
+    caller: MakeCaller, account_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first request of a caller records it (the account, the member) before GraphQL
+    runs; the database failing there used to escape as a bare 500 page. Now it is the same
+    coded, counted failure as inside GraphQL; the next request, once it is back, works."""
+    from billing.errors import DatabaseUnavailable
+
+    async def unavailable(*args: Any, **kwargs: Any) -> None:
+        raise DatabaseUnavailable("no database connection became free within 10 s")
+
+    admin = caller(account_id, Role.ADMIN, email="a@example.com")
+    monkeypatch.setattr("api.app.record_member", unavailable)
+    before = _unexpected("SERVICE_UNAVAILABLE")
+    response = await admin.raw(ops.BALANCE)
+    assert response.status_code == 503, response.text
+    (error,) = response.json()["errors"]
+    assert error["extensions"] == {"code": "SERVICE_UNAVAILABLE"} and "10 s" not in response.text
+    assert _unexpected("SERVICE_UNAVAILABLE") == before + 1
+    monkeypatch.undo()
+    assert (await admin.gql(ops.BALANCE))["creditAccount"]["balance"] == 0

@@ -243,6 +243,33 @@ async def test_readiness_checks_redis_when_jobs_go_through_arq(settings: Setting
     assert await readiness(settings, gone) == {"database": "up"}
 
 
+async def test_readyz_reports_redis_down_as_degraded_not_unready(
+    app: Any, settings: Settings, harness: Any
+) -> None:
+    """With Redis gone every request still succeeds (jobs are queued again by the sweep):
+    /readyz says so in its body and its metric, and stays 200, so a load balancer keeps
+    every replica in."""
+    from api.app import create_app
+    from workers.live import InProcessBroadcaster
+
+    arq_settings = settings.model_copy(update={"job_queue": "arq"})
+    gone = ArqQueue(ArqRedis(host="127.0.0.1", port=free_port(), socket_connect_timeout=1))
+    application = create_app(
+        arq_settings, gateway=harness.gateway, queue=gone, live=InProcessBroadcaster()
+    )
+    try:
+        transport = httpx.ASGITransport(app=application)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            response = await client.get("/readyz")
+            assert response.status_code == 200
+            assert response.json() == {"status": "degraded", "database": "up", "redis": "down"}
+            metrics = (await client.get("/metrics")).text
+    finally:
+        await gone.close()
+    assert 'credits_dependency_up{dependency="redis"} 0.0' in metrics
+    assert 'credits_dependency_up{dependency="database"} 1.0' in metrics
+
+
 # ---------------------------------------------------------------- a real server
 
 

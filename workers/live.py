@@ -37,6 +37,7 @@ from billing.changes import Changes
 from billing.enums import ProcessType, TransactionType
 from billing.models import LedgerEntry
 from workers.mail import notification_job_id
+from workers.resilience import Outage
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -215,13 +216,14 @@ class RedisBroadcaster:
         self._confirmed: set[str] = set()
         self._waiting: dict[str, asyncio.Future[None]] = {}
         self._lock = asyncio.Lock()
+        self._outage = Outage("Redis (live balance publish)", log)
 
     @classmethod
     def connect(cls, redis_url: str, prefix: str | None = None) -> RedisBroadcaster:
         """A broadcaster with a client of its own (nothing is connected until used)."""
         from redis.asyncio import Redis
 
-        client = Redis.from_url(redis_url)
+        client = Redis.from_url(redis_url, socket_connect_timeout=SUBSCRIBE_TIMEOUT)
         return cls(client, prefix or channel_prefix(redis_url), owns_client=True)
 
     def channel(self, account_id: str) -> str:
@@ -236,7 +238,10 @@ class RedisBroadcaster:
                     pipe.publish(self.channel(entry.account_id), encode(entry))
                 await pipe.execute()
         except Exception as exc:  # committed anyway: listeners catch up with the next event
-            log.warning("could not publish %d balance change(s): %s", len(entries), exc)
+            self._outage.failed(exc)  # one warning per outage
+            log.debug("could not publish %d balance change(s): %s", len(entries), exc)
+            return
+        self._outage.recovered()
 
     @asynccontextmanager
     async def listen(self, account_id: str) -> AsyncIterator[Listener]:

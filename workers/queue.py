@@ -12,9 +12,12 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from workers.resilience import Outage
+
 log = logging.getLogger(__name__)
 
 JobFunction = Callable[..., Awaitable[Any]]
+REDIS_TIMEOUT = 2.0  # seconds, to connect and per command (the API's enqueues)
 
 
 class JobQueue(Protocol):
@@ -75,20 +78,29 @@ class ArqQueue:
 
     def __init__(self, pool: Any) -> None:
         self.pool = pool
+        self.outage = Outage("Redis (job queue)", log)
 
     @classmethod
     async def connect(cls, redis_url: str) -> ArqQueue:
-        from arq import create_pool
-        from arq.connections import RedisSettings
+        """A queue on ``redis_url``; nothing is connected until used, so a process starts
+        (degraded) while Redis is down. Short timeouts: a request never waits long on an
+        unreachable Redis."""
+        from arq.connections import ArqRedis
 
-        return cls(await create_pool(RedisSettings.from_dsn(redis_url)))
+        return cls(
+            ArqRedis.from_url(
+                redis_url, socket_connect_timeout=REDIS_TIMEOUT, socket_timeout=REDIS_TIMEOUT
+            )
+        )
 
     async def enqueue(self, function: str, *args: Any, job_id: str) -> bool:
         try:
             await self.pool.enqueue_job(function, *args, _job_id=job_id)
         except Exception as exc:  # Redis unreachable: the sweep will catch up
-            log.warning("could not enqueue %s (%s): %s", function, job_id, exc)
+            self.outage.failed(exc)  # one warning per outage, not one per job
+            log.debug("could not enqueue %s (%s): %s", function, job_id, exc)
             return False
+        self.outage.recovered()
         return True
 
     async def ping(self) -> None:

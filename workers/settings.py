@@ -20,6 +20,28 @@ from workers.queue import ArqQueue
 
 KEEP_RESULT_SECONDS = 60  # job ids dedupe while a job runs; the database keeps the truth
 
+#: Each job's time limit, sized to the job (arq's default is 300 s for all). A charge is one
+#: gateway call (Stripe retries included, a few seconds) and a couple of short
+#: transactions; a job cut off here leaves a PENDING payment the sweep settles. arq keeps
+#: a job's in-progress key for the longest limit + 10 s; a job whose worker died is freed
+#: sooner than that by ``workers.resilience.reap_orphaned_jobs``.
+JOB_TIMEOUTS: dict[str, float] = {
+    "process_gateway_event": 30,
+    "threshold_recharge": 30,
+    "scheduled_recharge": 30,
+    "charge_invoice": 30,
+    "send_notification": 60,  # SMTP: 30 s per command
+    "enqueue_due_schedules": 30,
+    "sweep": 120,
+    "deliver_pending_notifications": 120,
+    "retry_due_invoices": 120,
+    "close_monthly_invoices": 120,
+}
+DEFAULT_JOB_TIMEOUT = 60.0
+
+#: Start-up waits this long for Redis (one try a second) before giving up.
+REDIS_START_RETRIES = 60
+
 
 async def bind_context(ctx: dict[str, Any], settings: Settings) -> None:
     """What every job finds in ``ctx`` (see workers.context.JobContext)."""
@@ -52,7 +74,14 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 
 
 def functions() -> list[Any]:
-    return [func(instrument(name, f), name=name) for name, f in FUNCTIONS.items()]  # type: ignore[arg-type]
+    return [
+        func(
+            instrument(name, f),  # type: ignore[arg-type]
+            name=name,
+            timeout=JOB_TIMEOUTS.get(name, DEFAULT_JOB_TIMEOUT),
+        )
+        for name, f in FUNCTIONS.items()
+    ]
 
 
 def cron_jobs() -> list[Any]:
@@ -60,8 +89,23 @@ def cron_jobs() -> list[Any]:
     for name, minutes in PERIODIC.items():
         at = {5} if minutes >= 60 else set(range(0, 60, minutes))
         job = instrument(name, FUNCTIONS[name])
-        jobs.append(cron(job, name=f"cron:{name}", minute=at, second=0))  # type: ignore[arg-type]
+        timeout = JOB_TIMEOUTS.get(name, DEFAULT_JOB_TIMEOUT)
+        second = SECONDS.get(name, {0})
+        jobs.append(cron(job, name=f"cron:{name}", minute=at, second=second, timeout=timeout))  # type: ignore[arg-type]
     return jobs
+
+
+#: Periodic jobs run more often than each minute, at these seconds: the sweep settles
+#: what a fault left half-done (a payment stuck PENDING past ``recharge.STUCK_AFTER``, a
+#: recharge nobody could queue) within seconds of the fault ending, not minutes.
+SECONDS: dict[str, set[int]] = {"sweep": {0, 15, 30, 45}}
+
+
+def worker_redis_settings(redis_url: str) -> RedisSettings:
+    settings = RedisSettings.from_dsn(redis_url)
+    settings.conn_retries = REDIS_START_RETRIES
+    settings.conn_retry_delay = 1
+    return settings
 
 
 class WorkerSettings:
@@ -73,4 +117,5 @@ class WorkerSettings:
     # On SIGTERM/SIGINT stop taking jobs and let running ones finish (then cancel them).
     job_completion_wait = get_settings().shutdown_grace_seconds
     max_tries = 5
-    redis_settings = RedisSettings.from_dsn(get_settings().redis_url)
+    job_timeout = DEFAULT_JOB_TIMEOUT
+    redis_settings = worker_redis_settings(get_settings().redis_url)
