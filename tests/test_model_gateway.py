@@ -3,7 +3,8 @@
 Hypothesis drives a small model of Stripe (``StripeModel``: PaymentIntents through
 ``requires_action`` -> ``requires_payment_method`` -> retried -> ``succeeded``, charges with
 partial and full refunds, disputes won and lost, the minimum charge) against the real
-domain: purchases, ``confirmPurchase``, spends, threshold auto-recharge runs, the webhook
+domain: purchases, ``confirmPurchase``, spends, threshold auto-recharge runs, monthly
+invoice runs, the webhook
 processing (``webhooks.record`` + ``webhooks.process``, as the job runs them) and the sweep.
 The model's events go to an outbox and are delivered in any order, twice, late, or lost
 (a lost ``payment_intent.*`` event is never delivered; the sweep must find the truth by
@@ -21,8 +22,9 @@ run is one command:
     HYPOTHESIS_PROFILE=long .venv/bin/python -m pytest -q tests/test_model_gateway.py
     (add TEST_BACKEND=postgres TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test)
 
-Left out: monthly invoice runs (their carry-over and retries are in tests/test_invoices.py
-and tests/test_money_rules.py).
+Invoice runs are in too: metered use, the month closes, its invoice is charged off-session
+(or carried forward under the minimum). Their retries and backoff are in
+tests/test_invoices.py.
 """
 
 from __future__ import annotations
@@ -53,9 +55,25 @@ from hypothesis.stateful import (
 from starlette.applications import Starlette
 from tortoise.transactions import in_transaction
 
-from billing import autorecharge, cards, clock, purchases, recharge, reconcile, usage, webhooks
+from billing import (
+    autorecharge,
+    cards,
+    clock,
+    invoices,
+    purchases,
+    recharge,
+    reconcile,
+    usage,
+    webhooks,
+)
 from billing.accounts import ensure_account
-from billing.enums import AutoRechargeTrigger, PaymentKind, PaymentStatus, ProcessType
+from billing.enums import (
+    AutoRechargeTrigger,
+    InvoiceStatus,
+    PaymentKind,
+    PaymentStatus,
+    ProcessType,
+)
 from billing.errors import BillingError
 from billing.gateways import (
     CardDetails,
@@ -64,8 +82,9 @@ from billing.gateways import (
     ChargeStatus,
     check_minimum,
 )
-from billing.models import LedgerEntry, Payment
+from billing.models import Invoice, LedgerEntry, Payment
 from billing.pricing import PriceBook, load_price_book
+from billing.quota import month_bounds
 from billing.settings import Settings
 
 T = TypeVar("T")
@@ -84,6 +103,10 @@ PROFILE = PROFILES.get(os.environ.get("HYPOTHESIS_PROFILE", "ci"), PROFILES["ci"
 BASE_CREDITS = 1_000_000  # staff funds first: take-backs never run short
 THRESHOLD = BASE_CREDITS - 100
 SWEEP_STEP = timedelta(minutes=6)  # past the sweep's re-read interval
+
+
+def next_month_start(start: datetime) -> datetime:
+    return start.replace(year=start.year + start.month // 12, month=start.month % 12 + 1)
 
 
 # ---------------------------------------------------------------- the gateway model
@@ -295,9 +318,9 @@ class SettlementMachine(RuleBasedStateMachine):
         )
         self.plain, self.auth = str(plain.id), str(auth.id)
 
-    def advance(self) -> None:
+    def advance(self, by: timedelta = SWEEP_STEP) -> None:
         self.stack.close()
-        self.now += SWEEP_STEP
+        self.now += by
         self.stack = ExitStack()
         self.stack.enter_context(clock.travel(self.now))
 
@@ -379,6 +402,38 @@ class SettlementMachine(RuleBasedStateMachine):
             )
 
         self.run(go())
+
+    @precondition(lambda self: self.invoice_runs < 2)
+    @rule(units=st.sampled_from([3, 4, 40]))
+    def invoice_run(self, units: int) -> None:
+        """Metered use this month, then the month closes: its invoice is charged off-session
+        to the primary card (or, 30 cents being under the minimum, carried forward)."""
+        self.invoice_runs += 1
+        self.run(self._invoice_run(units))
+
+    invoice_runs = 0
+
+    async def _invoice_run(self, units: int) -> None:
+        await usage.record_metered(
+            self.env.book,
+            account_id=self.account,
+            user_id="transcriber",
+            process_type=ProcessType.BUSINESS_CARD_TRANSCRIPTION,
+            quantity=units,
+            reference=None,
+            idempotency_key=uuid.uuid4().hex,
+        )
+        start, _ = month_bounds(self.now, "UTC")
+        self.advance(by=next_month_start(start) - self.now + timedelta(hours=1))
+        for due in await invoices.months_to_close():
+            if due.account_id != self.account:
+                continue
+            async with in_transaction():
+                closed = await invoices.close_month(
+                    self.account, due.period_start, due.period_end, currency="usd"
+                )
+            if closed is not None and closed.invoice.status is InvoiceStatus.OPEN:
+                await invoices.charge_invoice(self.gw, closed.invoice.id)
 
     @rule()
     def sweep(self) -> None:
@@ -560,6 +615,15 @@ class SettlementMachine(RuleBasedStateMachine):
             expected += got
         entries = await LedgerEntry.filter(account_id=self.account, payment_id__isnull=False)
         assert sum(e.credits for e in entries) == expected
+        # Invoices: each paid once, or carried (under the minimum), never charged under it.
+        for invoice in await Invoice.filter(account_id=self.account):
+            charged = await Payment.filter(
+                account_id=self.account, kind=PaymentKind.INVOICE, amount_cents=invoice.amount_cents
+            ).count()
+            if invoice.status is InvoiceStatus.CARRIED_FORWARD:
+                assert invoice.amount_cents < 50
+            else:
+                assert invoice.status is InvoiceStatus.PAID and charged >= 1, invoice.status
         report = await reconcile.check_database([self.account])
         assert report.ok, [d.line() for d in report.discrepancies]
 
