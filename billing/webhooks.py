@@ -193,17 +193,27 @@ async def _match(intent_id: str | None, metadata: Any) -> Payment | Handled | No
     return payment
 
 
-async def _may_become_ours(customer: Any, metadata: Any) -> bool:
-    """Whether an object we can't match yet may still be ours: it names a payment in its
-    metadata (we always do) and its customer has a payment whose gateway id we never
-    learnt. Anything else (a charge made by hand in the dashboard, say) is not ours."""
+async def _may_become_ours(customer: Any, metadata: Any, amount: Any = None) -> bool:
+    """Whether an object we can't match yet may still be ours: its customer has a payment
+    whose gateway id we never learnt (a crash between the charge and its answer), and the
+    object names a payment in its metadata (our PaymentIntents always do) or, for a charge
+    (Stripe does not copy the intent's metadata onto it), has that payment's amount.
+    Anything else (a charge made by hand in the dashboard, say) is not ours."""
     customer_id = _str_id(customer)
-    if not customer_id or not (isinstance(metadata, dict) and metadata.get("payment_id")):
+    named = isinstance(metadata, dict) and bool(metadata.get("payment_id"))
+    if not customer_id or not (named or amount is not None):
         return False
     account = await Account.get_or_none(gateway_customer_id=customer_id)
-    return account is not None and await Payment.exists(
-        account_id=account.id, status=PaymentStatus.PENDING, gateway_payment_id=None
-    )
+    if account is None:
+        return False
+    unknown = Payment.filter(account_id=account.id, status=PaymentStatus.PENDING)
+    unknown = unknown.filter(gateway_payment_id=None)
+    if not named:
+        try:
+            unknown = unknown.filter(amount_cents=int(amount))
+        except (TypeError, ValueError):
+            return False
+    return await unknown.exists()
 
 
 async def _locked(payment: Payment) -> Payment:
@@ -317,7 +327,9 @@ async def _charge_payment(charge: dict[str, Any]) -> Payment | Handled:
     if isinstance(found, tuple):
         return found
     if found is None:
-        if intent_id and await _may_become_ours(charge.get("customer"), charge.get("metadata")):
+        if intent_id and await _may_become_ours(
+            charge.get("customer"), charge.get("metadata"), charge.get("amount")
+        ):
             return EventOutcome.PENDING, f"no payment of ours for {intent_id} yet"
         return EventOutcome.IGNORED, f"charge of payment intent {intent_id} is not ours"
     payment = await _locked(found)

@@ -861,3 +861,54 @@ async def test_flags_accumulate_until_staff_clear_them(admin: Caller) -> None:
     reason = (await Account.get(id=admin.account_id)).flag_reason or ""
     assert "Refund exceeded" in reason and settlement.MISMATCH_FLAG in reason
     await Account.filter(id=admin.account_id).update(flag_reason=None, flagged_at=None)
+
+
+async def test_a_charge_of_a_purchase_whose_answer_was_lost_is_kept_not_dropped(
+    admin: Caller, http: httpx.AsyncClient, queue: InProcessQueue, harness: GatewayHarness
+) -> None:
+    """A purchase whose answer was lost (a crash: PENDING, no intent id) may be refunded
+    before anything heals it. Stripe does not copy the intent's metadata onto its charge, so
+    the charge is recognised by its customer and amount: kept pending (the sweep applies it
+    once the intent is learnt), while a charge of another amount is not ours."""
+    from billing import sql
+
+    stripe_only(harness)
+    await add_card(admin, "pm_card_visa")
+    account = await Account.get(id=admin.account_id)
+    now = sql.now()
+    lost = await Payment.create(
+        id=uuid.uuid4(),
+        account_id=admin.account_id,
+        kind="PURCHASE",
+        status=PaymentStatus.PENDING,
+        credits=300,
+        amount_cents=3000,
+        currency="usd",
+        created_at=now,
+        updated_at=now,
+    )
+
+    def charge(amount: int) -> dict[str, Any]:
+        return {
+            "id": f"ch_{uuid.uuid4().hex[:12]}",
+            "object": "charge",
+            "payment_intent": f"pi_{uuid.uuid4().hex[:14]}",
+            "customer": account.gateway_customer_id,
+            "amount": amount,
+            "amount_refunded": amount,
+            "currency": "usd",
+            "status": "succeeded",
+            "paid": True,
+            "metadata": {},
+        }
+
+    ours, other = event("charge.refunded", charge(3000)), event("charge.refunded", charge(1234))
+    for sent in (ours, other):
+        assert (await post_event(http, sent)).status_code == 200
+    await queue.drain()
+    kept = await GatewayEvent.get(external_id=ours["id"])
+    assert (kept.outcome, kept.processed_at) == ("pending", None)
+    assert (await GatewayEvent.get(external_id=other["id"])).outcome == "ignored"
+    # Tidy up as the sweep would once the payment settled: nothing of this is left pending.
+    await Payment.filter(id=lost.id).update(status=PaymentStatus.FAILED)
+    await GatewayEvent.filter(external_id__in=[ours["id"], other["id"]]).delete()
