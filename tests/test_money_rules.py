@@ -47,16 +47,10 @@ from tests.ops import (
     key,
 )
 from tests.test_batch import BATCH
-from tests.test_stripe import CONFIRM, event, intent, post_event
+from tests.test_stripe import CONFIRM, event, intent, payment_row, post_event
 from workers.queue import InProcessQueue
 
 INT_MAX = 2**31 - 1
-
-
-async def payment_row(payment_gid: str) -> Payment:
-    payment_id = ids.decode("Payment", payment_gid)
-    assert payment_id is not None
-    return await Payment.get(id=payment_id)
 
 
 async def card_pm(card_gid: str) -> str:
@@ -500,20 +494,10 @@ async def test_the_database_holds_the_int_bound(admin: Caller, statement: str) -
 # ---------------------------------------------------------------- 6. the minimum charge
 
 
-def _cheap_book(tmp_path: Path) -> Any:
-    source = Path("billing/pricebook.toml").read_text()
-    cheap = source.replace("cents_per_credit = 10", "cents_per_credit = 1").replace(
-        "min_purchase_credits = 100", "min_purchase_credits = 1"
-    )
-    path = tmp_path / "cheap.toml"
-    path.write_text(cheap)
-    return load_price_book(path)
-
-
 async def test_purchases_and_settings_under_the_minimum_are_refused(
     admin: Caller, gateway: Any, tmp_path: Path
 ) -> None:
-    book = _cheap_book(tmp_path)
+    book = _book(tmp_path, "cheap", cents_per_credit=1, min_purchase_credits=1)
     await add_card(admin, "pm_card_visa")
     charges = gateway.charge_count
     with pytest.raises(BillingError) as refused:
