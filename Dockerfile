@@ -18,6 +18,7 @@ WORKDIR /src
 COPY pyproject.toml ./
 COPY api ./api
 COPY billing ./billing
+COPY runtime ./runtime
 COPY workers ./workers
 RUN pip install . && cd / && rm -rf /src
 

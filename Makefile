@@ -49,10 +49,10 @@ typecheck: $(STAMP)
 
 ## Regenerate schema.graphql from the code.
 schema: $(STAMP)
-	$(PY) -m strawberry export-schema api.schema:schema --output schema.graphql
+	$(PY) -m strawberry export-schema api.graphql.schema:schema --output schema.graphql
 
 check-schema: $(STAMP)
-	$(PY) -m strawberry export-schema api.schema:schema --output $(VENV)/schema.check.graphql
+	$(PY) -m strawberry export-schema api.graphql.schema:schema --output $(VENV)/schema.check.graphql
 	diff -u schema.graphql $(VENV)/schema.check.graphql
 
 ## Print a development token: make token ACCOUNT=acme ROLES=ADMIN (HEADERS=1: GraphiQL's JSON)

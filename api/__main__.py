@@ -10,10 +10,10 @@ from typing import Any
 import uvicorn
 
 from api.auth import issue_token
-from billing import logs
-from billing.db import migrate
 from billing.enums import Role
-from billing.settings import Settings, get_settings
+from runtime import logs
+from runtime.db import migrate
+from runtime.settings import Settings, get_settings
 
 
 def main(argv: list[str] | None = None) -> int:

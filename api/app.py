@@ -47,21 +47,21 @@ from api.errors import (
     wants_graphql_response,
 )
 from api.graphiql import graphiql_page
+from api.graphql.schema import build_schema
 from api.observability import RequestIdMiddleware, readiness
 from api.reports import transactions_csv
-from api.schema import build_schema
-from billing import webhooks
 from billing.accounts import record_member
-from billing.db import tortoise_config
 from billing.enums import Role
-from billing.gateways import PaymentGateway
-from billing.gateways.factory import make_gateway
-from billing.mailer import make_mailer
+from billing.payments.gateways import PaymentGateway
 from billing.pricing import PriceBook, load_price_book
-from billing.settings import Settings, get_settings
+from billing.settlement import webhooks
+from runtime.db import tortoise_config
+from runtime.factory import make_gateway
+from runtime.live import Broadcaster, InProcessBroadcaster, RedisBroadcaster
+from runtime.mailer import make_mailer
+from runtime.queue import ArqQueue, InProcessQueue, JobQueue
+from runtime.settings import Settings, get_settings
 from workers.jobs import PERIODIC, all_functions
-from workers.live import Broadcaster, InProcessBroadcaster, RedisBroadcaster
-from workers.queue import ArqQueue, InProcessQueue, JobQueue
 
 log = logging.getLogger(__name__)
 ANONYMOUS = Principal(user_id="", account_id="", roles=frozenset())

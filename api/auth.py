@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from billing import emails
 from billing.accounts import valid_account_id
 from billing.enums import Role
-from billing.settings import Settings
+from runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 

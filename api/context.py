@@ -13,12 +13,12 @@ from strawberry.dataloader import DataLoader
 from api import permissions
 from api.auth import Principal
 from api.permissions import Reach
-from billing.gateways import PaymentGateway
 from billing.models import Card, Member, Payment
+from billing.payments.gateways import PaymentGateway
 from billing.pricing import PriceBook
-from billing.settings import Settings
-from workers.live import Broadcaster
-from workers.queue import JobQueue
+from runtime.live import Broadcaster
+from runtime.queue import JobQueue
+from runtime.settings import Settings
 
 
 def forbidden(message: str = "You may not do this.") -> GraphQLError:

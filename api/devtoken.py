@@ -8,7 +8,7 @@ import sys
 
 from api.auth import issue_token
 from billing.enums import Role
-from billing.settings import get_settings
+from runtime.settings import get_settings
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,8 +13,9 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import metrics
-from billing import logs, sql
-from billing.settings import Settings
+from billing import sql
+from runtime import logs
+from runtime.settings import Settings
 
 log = logging.getLogger("api.access")
 readiness_log = logging.getLogger("api.readiness")

@@ -14,7 +14,7 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from billing.gateways.sandbox import SandboxGateway
+from billing.payments.gateways.sandbox import SandboxGateway
 
 if TYPE_CHECKING:
     from api.app import Services

@@ -16,7 +16,7 @@ from typing import Any
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from billing.settings import get_settings
+from runtime.settings import get_settings
 
 #: Seconds a client has to send a request's line and headers.
 HEADER_TIMEOUT_SECONDS = 10.0

@@ -53,7 +53,7 @@ def need(tool: str, package: str) -> str:
 
 async def fresh_database(name: str = BENCH_DB) -> None:
     """Drop and recreate the benchmark database and apply the migrations."""
-    from billing.db import migrate
+    from runtime.db import migrate
 
     admin = await asyncpg.connect(PG_ADMIN.replace("postgres://", "postgresql://", 1))
     try:
@@ -103,7 +103,7 @@ async def ledger_check(accounts: list[str]) -> tuple[bool, int]:
 
 def token(account: str, *roles: str, user: str = "bench") -> str:
     from api.auth import issue_token
-    from billing.settings import Settings
+    from runtime.settings import Settings
 
     settings = Settings(credits_jwt_secret=SECRET, _env_file=None)  # type: ignore[call-arg]
     return issue_token(

@@ -45,9 +45,9 @@ async def time_cron(prefix: str, runs: int = 20) -> tuple[float, int]:
     """Median seconds of one cron run, and how many it queued."""
     from tortoise import Tortoise
 
-    from billing.db import tortoise_config
+    from runtime.db import tortoise_config
+    from runtime.queue import InProcessQueue
     from workers.jobs import enqueue_due_schedules
-    from workers.queue import InProcessQueue
 
     await Tortoise.init(config=tortoise_config(common.db_url()))
     queued: list[str] = []

@@ -7,7 +7,7 @@ do the work. A refused write rolls back and so forgets its key; a write that rea
 bank commits its claim together with the failed payment, so a retry replays it.
 
 One claim is committed apart from its outcome: PostgreSQL's one-statement spend
-(``billing.fastspend``) commits its claim and its ledger entry in one statement, or, when
+(``billing.ledger.fastspend``) commits its claim and its ledger entry in one statement, or, when
 it is refused, the claim alone, withdrawn by a second statement a moment later. If that
 second statement never runs (a restart, a dropped connection), the claim would point for
 ever at an entry that never existed. Such a claim heals itself: the claim and its entry
@@ -107,7 +107,7 @@ async def claim(
         if existing is not None:
             return _replay(existing, operation, params)
         # Withdrawn between the two statements (a refused one-statement spend on
-        # PostgreSQL, see billing.fastspend): the key is free again.
+        # PostgreSQL, see billing.ledger.fastspend): the key is free again.
     raise RuntimeError(f"could not claim idempotency key {key!r} of {account_id}")
 
 

@@ -13,7 +13,7 @@ Charging (``charge_invoice``) owns its transactions, like a purchase:
    for one attempt).
 2. The gateway is called with no transaction open, off-session, with an idempotency key
    derived from the payment row, so repeating an attempt never charges twice.
-3. The outcome is applied by ``settlement.settle`` (a conditional status
+3. The outcome is applied by ``booking.settle`` (a conditional status
    change), which calls ``settle_payment`` here: the invoice becomes ``PAID`` or counts a
    failed attempt, with its notification, in that same transaction. A Stripe webhook or the
    stuck-payment sweep applying the same outcome goes through the same path, once.
@@ -36,9 +36,12 @@ from tortoise.exceptions import IntegrityError
 from tortoise.expressions import Q
 from tortoise.transactions import in_transaction
 
-from billing import cards, notifications, settlement, sql
+from billing import sql
 from billing.enums import InvoiceStatus, NotificationKind, PaymentKind, PaymentStatus
-from billing.gateways import (
+from billing.models import Account, Card, Invoice, InvoiceLine, Payment
+from billing.notifications import outbox
+from billing.payments import cards
+from billing.payments.gateways import (
     ChargeRequest,
     ChargeResult,
     ChargeStatus,
@@ -46,9 +49,9 @@ from billing.gateways import (
     PaymentGateway,
     minimum_charge_cents,
 )
-from billing.models import Account, Card, Invoice, InvoiceLine, Payment
-from billing.purchases import gateway_key
-from billing.quota import month_bounds
+from billing.payments.purchases import gateway_key
+from billing.settlement import booking
+from billing.spending.quota import month_bounds
 
 log = logging.getLogger(__name__)
 
@@ -337,7 +340,7 @@ async def charge_invoice(gateway: PaymentGateway, invoice_id: uuid.UUID) -> Char
             failure_message=AUTH_MESSAGE,
         )
     async with in_transaction():
-        await settlement.settle(payment.id, result)
+        await booking.settle(payment.id, result)
         invoice = await Invoice.get(id=invoice_id)
     if result.status is ChargeStatus.PROCESSING:
         return ChargeOutcome.IN_FLIGHT
@@ -428,7 +431,7 @@ async def _claim(invoice_id: uuid.UUID) -> _Attempt | ChargeOutcome:
 
 async def settle_payment(payment: Payment) -> None:
     """Book a finished INVOICE payment on its invoice (caller's transaction). Idempotent:
-    called by ``settlement.settle`` when the payment's status changes."""
+    called by ``booking.settle`` when the payment's status changes."""
     ref = _parse_trigger_key(payment.trigger_key)
     if payment.kind is not PaymentKind.INVOICE or ref is None:
         log.error("payment %s is not an invoice payment", payment.id)
@@ -461,15 +464,15 @@ async def _mark_paid(invoice_id: uuid.UUID, attempt: int, payment: Payment) -> N
             log.error(
                 "invoice %s was already paid; payment %s also succeeded", invoice_id, payment.id
             )
-            await settlement.flag(
+            await booking.flag(
                 invoice.account_id,
-                f"{settlement.PAID_TWICE_FLAG} invoice {invoice_id} was already paid; payment "
+                f"{booking.PAID_TWICE_FLAG} invoice {invoice_id} was already paid; payment "
                 f"{payment.id} succeeded too: refund it",
             )
         return
     card = await Card.get_or_none(id=payment.card_id) if payment.card_id else None
     on_card = f" to the {card.brand} card ending {card.last4}" if card else ""
-    await notifications.queue(
+    await outbox.queue(
         invoice.account_id,
         NotificationKind.INVOICE_PAID,
         dedupe_key=f"invoice-paid:{invoice.id}",
@@ -504,7 +507,7 @@ async def record_failed_attempt(invoice_id: uuid.UUID, attempt: int, message: st
     if changed:
         invoice = await Invoice.get(id=invoice_id)
         label = await _month_label_of(invoice)
-        await notifications.queue(
+        await outbox.queue(
             invoice.account_id,
             NotificationKind.INVOICE_FAILED,
             dedupe_key=f"invoice-failed:{invoice.id}",

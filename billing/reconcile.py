@@ -41,9 +41,9 @@ from typing import Any
 
 from billing import idempotency, sql
 from billing.enums import PaymentKind, PaymentStatus, TransactionType
-from billing.gateways import GatewayUnavailable
-from billing.gateways.stripe_gateway import StripeGateway
-from billing.settlement import REPORTED_FLAGS
+from billing.payments.gateways import GatewayUnavailable
+from billing.payments.gateways.stripe_gateway import StripeGateway
+from billing.settlement.booking import REPORTED_FLAGS
 
 CREDIT_KINDS = (PaymentKind.PURCHASE.value, PaymentKind.AUTO_RECHARGE.value)
 CREDIT_TYPES = (TransactionType.PURCHASE.value, TransactionType.AUTO_RECHARGE.value)
@@ -559,9 +559,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 async def _main(args: argparse.Namespace) -> Report:
     from tortoise import Tortoise
 
-    from billing.db import tortoise_config
-    from billing.gateways.factory import make_gateway
-    from billing.settings import get_settings
+    from runtime.db import tortoise_config
+    from runtime.factory import make_gateway
+    from runtime.settings import get_settings
 
     settings = get_settings()
     accounts = (

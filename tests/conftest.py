@@ -20,11 +20,12 @@ from starlette.applications import Starlette
 from api.app import create_app
 from api.auth import issue_token
 from billing.accounts import forget_cached_accounts
-from billing.db import migrate
 from billing.enums import Role
-from billing.gateways import PaymentGateway
-from billing.gateways.sandbox import SandboxGateway
-from billing.settings import Settings
+from billing.payments.gateways import PaymentGateway
+from billing.payments.gateways.sandbox import SandboxGateway
+from runtime.db import migrate
+from runtime.queue import InProcessQueue
+from runtime.settings import Settings
 from tests.gateways import (
     CountingStripeGateway,
     GatewayHarness,
@@ -34,7 +35,6 @@ from tests.gateways import (
 )
 from tests.mailbox import SmtpServer, run_smtp
 from workers.jobs import all_functions
-from workers.queue import InProcessQueue
 
 TEST_SECRET = "test-secret-that-is-long-enough-0123456789"
 PG_URL = os.environ.get("TEST_DATABASE_URL", "")

@@ -20,9 +20,9 @@ from typing import Any, Protocol
 
 import httpx
 
-from billing.gateways import ChargeRequest, ChargeResult
-from billing.gateways.sandbox import SandboxGateway
-from billing.gateways.stripe_gateway import StripeGateway
+from billing.payments.gateways import ChargeRequest, ChargeResult
+from billing.payments.gateways.sandbox import SandboxGateway
+from billing.payments.gateways.stripe_gateway import StripeGateway
 
 # Stripe's test card numbers behind its test PaymentMethod ids.
 TEST_CARD_NUMBERS = {

@@ -10,9 +10,9 @@ import pytest
 
 from api.auth import issue_token
 from billing.enums import Role
-from billing.mailer import build_message
 from billing.models import Account
-from billing.settings import Settings
+from runtime.mailer import build_message
+from runtime.settings import Settings
 from tests.conftest import Caller, MakeCaller
 
 

@@ -23,11 +23,11 @@ from arq.connections import RedisSettings, create_pool
 from starlette.applications import Starlette
 
 from billing.models import LedgerEntry
+from runtime.queue import ArqQueue
 from tests.conftest import ROOT, Caller
 from tests.gateways import free_port
 from tests.invariants import assert_ledger_consistent
 from tests.ops import AUTO_RECHARGE, CONSUME, grant, key
-from workers.queue import ArqQueue
 from workers.settings import cron_jobs, functions
 
 pytestmark = pytest.mark.skipif(
@@ -221,9 +221,9 @@ def test_app_with_job_queue_arq_sends_jobs_to_redis(
     script = (
         "import asyncio\n"
         "from api.app import create_app\n"
-        "from billing.db import migrate\n"
-        "from billing.settings import get_settings\n"
-        "from workers.queue import ArqQueue\n"
+        "from runtime.db import migrate\n"
+        "from runtime.settings import get_settings\n"
+        "from runtime.queue import ArqQueue\n"
         "async def main():\n"
         "    await migrate(get_settings().database_url)\n"
         "    app = create_app()\n"

@@ -98,7 +98,7 @@ async def test_first_token_provisions_the_account_at_zero(admin: Caller) -> None
 def test_devtoken_prints_a_token_the_service_accepts(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from billing.settings import get_settings
+    from runtime.settings import get_settings
 
     monkeypatch.setenv("CREDITS_JWT_SECRET", TEST_SECRET)
     get_settings.cache_clear()
@@ -118,7 +118,7 @@ def test_devtoken_prints_a_token_the_service_accepts(
 def test_short_secret_refuses_to_start() -> None:
     from pydantic import ValidationError
 
-    from billing.settings import Settings
+    from runtime.settings import Settings
 
     with pytest.raises(ValidationError, match="at least 32 bytes"):
         Settings(credits_jwt_secret="short", _env_file=None)  # type: ignore[call-arg]

@@ -32,9 +32,9 @@ from playwright.sync_api import Browser, BrowserContext, Page, Route, expect, sy
 from strawberry.extensions import MaxAliasesLimiter, QueryDepthLimiter
 
 from api.auth import issue_token
-from api.schema import MAX_ALIASES, MAX_QUERY_DEPTH, MAX_TOKENS, schema
+from api.graphql.schema import MAX_ALIASES, MAX_QUERY_DEPTH, MAX_TOKENS, schema
 from billing.enums import Role
-from billing.settings import Settings
+from runtime.settings import Settings
 from tests.conftest import ROOT, TEST_SECRET, WEBHOOK_SECRET
 from tests.gateways import free_port
 from tests.test_graphiql_browser import CHROMIUM, FLAGS

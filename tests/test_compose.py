@@ -38,7 +38,7 @@ import pytest
 import yaml
 from dotenv import dotenv_values
 
-from billing.settings import DEV_JWT_SECRET, Settings
+from runtime.settings import DEV_JWT_SECRET, Settings
 from tests.conftest import ROOT
 
 COMPOSE = ROOT / "docker-compose.yml"
@@ -330,7 +330,7 @@ def test_every_variable_is_a_real_setting() -> None:
     example = env_example()
     documented = set(example) | commented_env_example()
     assert documented <= SETTING_VARS | POSTGRES_IMAGE_VARS, (
-        f"not settings of billing.settings.Settings: "
+        f"not settings of runtime.settings.Settings: "
         f"{sorted(documented - SETTING_VARS - POSTGRES_IMAGE_VARS)}"
     )
     assert documented >= SETTING_VARS, (
@@ -351,10 +351,10 @@ def test_every_variable_is_a_real_setting() -> None:
 def test_env_example_is_a_valid_production_configuration(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from billing.gateways.factory import make_gateway
-    from billing.gateways.stripe_gateway import StripeGateway
-    from billing.mailer import SmtpMailer, make_mailer
+    from billing.payments.gateways.stripe_gateway import StripeGateway
     from billing.pricing import load_price_book
+    from runtime.factory import make_gateway
+    from runtime.mailer import SmtpMailer, make_mailer
 
     for var in SETTING_VARS:
         monkeypatch.delenv(var, raising=False)

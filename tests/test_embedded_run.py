@@ -20,7 +20,7 @@ import pytest
 
 from api.auth import issue_token
 from billing.enums import Role
-from billing.settings import Settings
+from runtime.settings import Settings
 from tests.conftest import ROOT, TEST_SECRET
 
 

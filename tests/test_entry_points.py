@@ -28,10 +28,10 @@ from api.context import Context
 from api.server import BoundedH11Protocol
 from billing.enums import Role
 from billing.models import GatewayEvent
-from billing.settings import Settings
+from runtime.queue import InProcessQueue
+from runtime.settings import Settings
 from tests.gateways import GatewayHarness, free_port, signed
 from workers.jobs import all_functions
-from workers.queue import InProcessQueue
 
 WAIT = 15.0
 SHORT = 0.5  # the deadlines these tests configure (the defaults are seconds long)

@@ -41,7 +41,7 @@ import pytest
 
 from api.auth import issue_token
 from billing.enums import Role
-from billing.settings import Settings
+from runtime.settings import Settings
 from tests.conftest import BACKEND, ROOT
 from tests.gateways import free_port
 from tests.test_arq import RedisServer, WorkerProcess

@@ -33,23 +33,26 @@ from starlette.applications import Starlette
 from tortoise.transactions import in_transaction
 
 from api.auth import issue_token
-from billing import clock, recharge, reconcile, settlement, sql, usage
+from billing import clock, reconcile, sql
 from billing.enums import ProcessType, Role
-from billing.gateways import ChargeRequest, ChargeResult, GatewayUnavailable
-from billing.gateways.stripe_gateway import StripeGateway
 from billing.models import FreeQuotaUsage, IdempotencyRecord, LedgerEntry, Notification, Payment
-from billing.notifications import message_id
-from billing.settings import Settings
+from billing.notifications.outbox import message_id
+from billing.payments.gateways import ChargeRequest, ChargeResult, GatewayUnavailable
+from billing.payments.gateways.stripe_gateway import StripeGateway
+from billing.recharge import runs
+from billing.settlement import booking
+from billing.spending import usage
+from runtime.queue import ArqQueue, InProcessQueue
+from runtime.settings import Settings
 from tests.conftest import ROOT, Caller
 from tests.gateways import free_port
 from tests.invariants import assert_ledger_consistent
 from tests.mailbox import SmtpServer
 from tests.ops import AUTO_RECHARGE, CONSUME, PURCHASE, add_card, balance, grant, key
-from workers.queue import ArqQueue, InProcessQueue
 
 CONFIRM = """mutation($id: ID!) { confirmPurchase(input: {paymentId: $id}) {
   payment { id status } transaction { id credits } balance errors { code } } }"""
-STUCK = recharge.STUCK_AFTER + timedelta(minutes=1)
+STUCK = runs.STUCK_AFTER + timedelta(minutes=1)
 
 
 # ---------------------------------------------------------------- shared checks
@@ -896,7 +899,7 @@ async def test_a_retry_settles_a_purchase_a_fault_left_pending(
     """A purchase cut off by a fault (here: the gateway's answer lost) stays PENDING; a
     retry with its key a few seconds later settles it from the gateway's own record, at
     once, instead of the sweep minutes later: one charge, the credits once."""
-    from billing.purchases import RESETTLE_AFTER
+    from billing.payments.purchases import RESETTLE_AFTER
 
     await add_card(admin, "pm_card_visa")
     monkeypatch.setattr(app.state.services, "gateway", Unanswered(gateway, charged=charged))
@@ -1015,7 +1018,7 @@ async def test_worker_killed_mid_recharge_charges_once(
         assert await job({**queue.ctx, "gateway": unanswered}, admin.account_id) == "pending"
     else:
         ctx = queue.ctx
-        apply = settlement.settle
+        apply = booking.settle
         if when == "writing-the-outcome":
             entered = asyncio.Event()
 
@@ -1025,7 +1028,7 @@ async def test_worker_killed_mid_recharge_charges_once(
                 await asyncio.Event().wait()  # inside the outcome's transaction
                 return None
 
-            monkeypatch.setattr(settlement, "settle", dies_while_writing)
+            monkeypatch.setattr(booking, "settle", dies_while_writing)
         else:
             stalled = Stalled(gateway, charged=when == "after-the-bank-charged")
             ctx = {**queue.ctx, "gateway": stalled}
@@ -1035,7 +1038,7 @@ async def test_worker_killed_mid_recharge_charges_once(
         worker.cancel()  # the worker process is killed
         with contextlib.suppress(asyncio.CancelledError):
             await worker
-        monkeypatch.setattr(settlement, "settle", apply)
+        monkeypatch.setattr(booking, "settle", apply)
 
     [payment] = await Payment.filter(account_id=admin.account_id, kind="AUTO_RECHARGE")
     assert payment.status.value == "PENDING"
@@ -1077,7 +1080,7 @@ async def test_mail_refused_is_kept_and_delivered_once_accepted(
 ) -> None:
     """The recharge notice meets an SMTP server that refuses it: the recharge stands, the
     notice stays in the outbox, and once the server accepts mail it is delivered, once."""
-    from billing.mailer import SmtpMailer
+    from runtime.mailer import SmtpMailer
 
     monkeypatch.setitem(
         queue.ctx, "mailer", SmtpMailer(smtp.url, mail_from="credits@example.test", timeout=10)

@@ -57,7 +57,8 @@ from api.auth import issue_token
 from billing import reconcile
 from billing.enums import Role
 from billing.models import Account, LedgerEntry
-from billing.settings import Settings
+from runtime.queue import InProcessQueue
+from runtime.settings import Settings
 from tests.conftest import ROOT, TEST_SECRET, Caller, MakeCaller
 from tests.gateways import GatewayHarness
 from tests.invariants import assert_ledger_consistent
@@ -74,7 +75,6 @@ from tests.ops import (
     key,
 )
 from workers.jobs import all_functions
-from workers.queue import InProcessQueue
 
 # Text that has broken services before: NUL, a lone surrogate, bidi, SQL and LIKE syntax.
 NASTY: list[str | int] = [

@@ -24,7 +24,7 @@ from playwright.sync_api import Response, expect, sync_playwright
 
 from api.auth import issue_token
 from billing.enums import Role
-from billing.settings import Settings
+from runtime.settings import Settings
 from tests.conftest import ROOT, TEST_SECRET
 from tests.gateways import free_port
 

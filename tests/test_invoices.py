@@ -20,16 +20,16 @@ from tortoise.transactions import in_transaction
 from api import ids
 from billing import clock, invoices
 from billing.enums import InvoiceStatus, PaymentKind, PaymentStatus, Role
-from billing.gateways import ChargeRequest, ChargeResult, ChargeStatus, GatewayUnavailable
 from billing.models import Account, Invoice, InvoiceLine, LedgerEntry, Notification, Payment
+from billing.payments.gateways import ChargeRequest, ChargeResult, ChargeStatus, GatewayUnavailable
 from billing.pricing import load_price_book
-from billing.settings import Settings
-from billing.settlement import Settled, settle
+from billing.settlement.booking import Settled, settle
+from runtime.queue import InProcessQueue
+from runtime.settings import Settings
 from tests.conftest import Caller, MakeCaller
 from tests.invariants import assert_ledger_consistent
 from tests.ops import METERED, REMOVE_CARD, add_card, key
 from workers.invoicing import INVOICE_FUNCTIONS
-from workers.queue import InProcessQueue
 
 AUDIO = "PREMIUM_AUDIO_TRANSCRIPTION"
 CARDS = "BUSINESS_CARD_TRANSCRIPTION"

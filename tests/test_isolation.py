@@ -61,11 +61,11 @@ from billing.models import (
     Notification,
     Payment,
 )
+from runtime.queue import InProcessQueue
 from tests.conftest import ROOT, Caller, MakeCaller
 from tests.gateways import GatewayHarness
 from tests.ops import METERED, add_card, buy, consume, grant, key
 from tests.test_live_balance import open_socket, serving
-from workers.queue import InProcessQueue
 
 SDL: GraphQLSchema = build_schema((ROOT / "schema.graphql").read_text())
 MAX_DEPTH = 8  # the schema's deepest path is 8 (the query depth limit is 10)

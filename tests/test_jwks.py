@@ -25,12 +25,12 @@ from starlette.applications import Starlette
 from api.app import create_app
 from api.auth import AuthError, authenticate, issue_token, jwks_keys, verify_token
 from billing.enums import Role
-from billing.settings import Settings
+from runtime.queue import InProcessQueue
+from runtime.settings import Settings
 from tests.conftest import TEST_SECRET
 from tests.gateways import GatewayHarness
 from tests.identity import AUDIENCE, ISSUER, JwksServer, SigningKey, run_jwks
 from workers.jobs import all_functions
-from workers.queue import InProcessQueue
 
 VIEWER = "{ viewer { userId accountId roles } }"
 BALANCE = "{ creditAccount { balance } }"

@@ -26,13 +26,13 @@ from websockets.typing import Subprotocol
 from api.app import create_app
 from api.auth import issue_token
 from billing.enums import Role
-from billing.settings import Settings
+from runtime.live import BalanceEvent, RedisBroadcaster, channel_prefix
+from runtime.queue import ArqQueue, InProcessQueue
+from runtime.settings import Settings
 from tests.conftest import Caller, MakeCaller
 from tests.gateways import GatewayHarness, free_port
 from tests.ops import AUTO_RECHARGE, add_card, buy, consume, grant, key
 from workers.jobs import all_functions
-from workers.live import BalanceEvent, RedisBroadcaster, channel_prefix
-from workers.queue import ArqQueue, InProcessQueue
 
 SUBSCRIPTION = """subscription { creditBalanceChanged { balance
   transaction { id type processType credits balanceAfter reference user { userId } } } }"""

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from billing.models import Notification
+from runtime.queue import InProcessQueue
 from tests.conftest import Caller, MakeCaller
 from tests.mailbox import SmtpServer
 from tests.ops import ADJUST, CONSUME, ERRORS, consume, grant, key
-from workers.queue import InProcessQueue
 
 ALERT = f"""mutation($input: LowBalanceAlertInput!) {{
   updateLowBalanceAlert(input: $input) {{
@@ -49,7 +49,7 @@ async def spend(service: Caller, quantity: int = 1) -> dict[str, Any]:
 @pytest.fixture
 def mailed(queue: InProcessQueue, smtp: SmtpServer) -> Iterator[SmtpServer]:
     """The app's jobs send e-mail to an SMTP server on loopback for this test."""
-    from billing.mailer import SmtpMailer
+    from runtime.mailer import SmtpMailer
 
     previous = queue.ctx.get("mailer")
     queue.ctx["mailer"] = SmtpMailer(smtp.url, mail_from="credits@test", timeout=10)

@@ -55,17 +55,7 @@ from hypothesis.stateful import (
 from starlette.applications import Starlette
 from tortoise.transactions import in_transaction
 
-from billing import (
-    autorecharge,
-    cards,
-    clock,
-    invoices,
-    purchases,
-    recharge,
-    reconcile,
-    usage,
-    webhooks,
-)
+from billing import clock, invoices, reconcile
 from billing.accounts import ensure_account
 from billing.enums import (
     AutoRechargeTrigger,
@@ -75,17 +65,21 @@ from billing.enums import (
     ProcessType,
 )
 from billing.errors import BillingError
-from billing.gateways import (
+from billing.models import Invoice, LedgerEntry, Payment
+from billing.payments import cards, purchases
+from billing.payments.gateways import (
     CardDetails,
     ChargeRequest,
     ChargeResult,
     ChargeStatus,
     check_minimum,
 )
-from billing.models import Invoice, LedgerEntry, Payment
 from billing.pricing import PriceBook, load_price_book
-from billing.quota import month_bounds
-from billing.settings import Settings
+from billing.recharge import autorecharge, runs
+from billing.settlement import webhooks
+from billing.spending import usage
+from billing.spending.quota import month_bounds
+from runtime.settings import Settings
 
 T = TypeVar("T")
 
@@ -394,9 +388,7 @@ class SettlementMachine(RuleBasedStateMachine):
         async def go() -> None:
             await asyncio.gather(
                 *(
-                    recharge.run(
-                        self.gw, self.env.book, self.account, AutoRechargeTrigger.THRESHOLD
-                    )
+                    runs.run(self.gw, self.env.book, self.account, AutoRechargeTrigger.THRESHOLD)
                     for _ in range(copies)
                 )
             )
@@ -441,17 +433,15 @@ class SettlementMachine(RuleBasedStateMachine):
         self.run(self._sweep())
 
     async def _sweep(self) -> None:
-        for payment_id in await recharge.stuck_payments() + await recharge.payments_to_recheck():
+        for payment_id in await runs.stuck_payments() + await runs.payments_to_recheck():
             payment = await Payment.get(id=payment_id)
             if payment.account_id == self.account:
-                await recharge.heal_payment(self.gw, payment_id)
+                await runs.heal_payment(self.gw, payment_id)
         for event_id, _ in await webhooks.pending_events(older_than_seconds=0, limit=10_000):
             await self._process(event_id)
-        for account_id, _ in await recharge.below_threshold(limit=10_000):
+        for account_id, _ in await runs.below_threshold(limit=10_000):
             if account_id == self.account:
-                await recharge.run(
-                    self.gw, self.env.book, self.account, AutoRechargeTrigger.THRESHOLD
-                )
+                await runs.run(self.gw, self.env.book, self.account, AutoRechargeTrigger.THRESHOLD)
 
     async def _process(self, event_id: int) -> None:
         async with in_transaction():
@@ -556,7 +546,7 @@ class SettlementMachine(RuleBasedStateMachine):
 
     def _balance(self) -> int:
         async def read() -> int:
-            from billing.ledger import balance_of
+            from billing.ledger.posting import balance_of
 
             return await balance_of(self.account)
 

@@ -53,9 +53,10 @@ from hypothesis.stateful import (
 
 from billing import clock, reconcile
 from billing.enums import Role
-from billing.gateways import ChargeRequest, ChargeResult
-from billing.ledger import balance_of
+from billing.ledger.posting import balance_of
 from billing.models import AutoRechargeSetting, FreeQuotaUsage, LedgerEntry, Payment
+from billing.payments.gateways import ChargeRequest, ChargeResult
+from runtime.queue import InProcessQueue
 from tests.conftest import Caller, MakeCaller
 from tests.ops import (
     ADD_CARD,
@@ -69,7 +70,6 @@ from tests.ops import (
     REVERSE,
     SET_PRIMARY,
 )
-from workers.queue import InProcessQueue
 
 T = TypeVar("T")
 
@@ -191,7 +191,7 @@ class Model:
         return self.ar.level() is not None and not self.ar.blocked
 
     def threshold_job(self) -> None:
-        """What one threshold_recharge run does (``billing.recharge``), given R >= threshold."""
+        """What one threshold_recharge run does (``billing.recharge.runs``); R >= threshold."""
         ar = self.ar
         level = ar.level()
         if level is None or ar.blocked or self.balance >= level:

@@ -16,10 +16,12 @@ from typing import Any
 import httpx
 import pytest
 
-from billing import clock, ledger
+from billing import clock
 from billing.enums import PaymentStatus, ProcessType, TransactionType
-from billing.ledger import Movement
+from billing.ledger import posting
+from billing.ledger.posting import Movement
 from billing.models import Account, GatewayEvent, LedgerEntry, Payment
+from runtime.queue import InProcessQueue
 from tests.conftest import Caller
 from tests.gateways import GatewayHarness, StripeHarness
 from tests.invariants import assert_ledger_consistent
@@ -27,7 +29,6 @@ from tests.ops import AUTO_RECHARGE, add_card, balance, buy, consume, key
 from tests.test_batch import BATCH
 from tests.test_money_rules import payment_row
 from tests.test_stripe import CONFIRM, event, post_event
-from workers.queue import InProcessQueue
 
 INT_MAX = 2**31 - 1
 
@@ -53,9 +54,9 @@ async def _fund(account_id: str, credits: int) -> None:
     await ensure_account(account_id)
     left = credits
     while left:
-        step = min(left, ledger.MAX_CREDITS_PER_ENTRY)
+        step = min(left, posting.MAX_CREDITS_PER_ENTRY)
         async with in_transaction():
-            await ledger.post(
+            await posting.post(
                 Movement(
                     account_id=account_id,
                     credits=step,
@@ -89,7 +90,8 @@ async def test_two_batches_with_the_same_keys_in_another_order_both_answer(
     INSERT each, in opposite orders, so on PostgreSQL each waits for a key the other holds
     (a deadlock; PostgreSQL aborts one: "Internal error."). Right: every item spends once,
     the other batch replays it, no error (fault 7's kind: "every writer that claims a key
-    treats an earlier claimant the same way"). At fault: billing/batch.py ``_claim`` inserts
+    treats an earlier claimant the same way").
+    At fault: billing/spending/batch.py ``_claim`` inserts
     the keys in the order given (the accounts are locked in id order, the keys are not)."""
     sandbox_only(gateway_name)
     # SQLite serialises writers (no lock order to get wrong): one round there is enough.
@@ -142,7 +144,7 @@ async def test_a_dispute_of_another_intent_is_not_trusted_by_its_metadata(
     PaymentIntent (``pi_other``) whose metadata names our paid 500-credit payment. Today the
     500 credits are taken from our account. Right: nothing moves; the event is ``mismatch``
     and the account flagged (as for ``payment_intent.*`` and ``charge.refunded``). At fault:
-    billing/webhooks.py ``_dispute_payment`` (no id check after ``_find_payment``, whose
+    billing/settlement/webhooks.py ``_dispute_payment`` (no id check after ``_find_payment``, whose
     metadata fallback does not keep to "only while that payment has no other id")."""
     stripe_only(harness)
     payment = await _paid(admin, 500)
@@ -175,7 +177,7 @@ async def test_a_refund_of_a_charge_without_an_intent_is_not_trusted_by_its_meta
     our PaymentIntent's (a Charges-API charge on the same Stripe account has no
     ``payment_intent``), whose metadata names our paid payment: today its refund is booked
     on our payment (500 credits taken, payment REFUNDED). Right: mismatch, nothing moves.
-    At fault: billing/webhooks.py ``_paid_payment_for_charge`` checks the intent id only
+    At fault: billing/settlement/webhooks.py ``_paid_payment_for_charge`` checks the intent id only
     when the charge names one, and never checks amount/currency/customer of a payment
     already SUCCEEDED."""
     stripe_only(harness)
@@ -215,9 +217,9 @@ async def test_refunding_a_payment_whose_credits_could_not_be_held_takes_nothing
     refund it at Stripe, as told: ``charge.refunded`` then takes 500 credits that the
     payment never gave, from the 500 the first payment did give. Right: a refund removes
     at most what its payment credited (here 0): the balance stays 2^31-1 - 100. At fault:
-    billing/webhooks.py ``_charge_refunded`` (credits from the payment's ``credits``, not
-    from its credit entry) with billing/settlement.py ``_succeeded`` (SUCCEEDED without an
-    entry); billing/purchases.py checks the bound without what is already in flight."""
+    billing/settlement/webhooks.py ``_charge_refunded`` (credits from the payment's ``credits``, not
+    from its credit entry) with billing/settlement/booking.py ``_succeeded`` (SUCCEEDED without an
+    entry); billing/payments/purchases.py checks the bound without what is already in flight."""
     h = stripe_only(harness)
     await add_card(admin, "pm_card_authenticationRequired")
     await _fund(admin.account_id, INT_MAX - 600)
@@ -259,7 +261,7 @@ async def test_purchases_in_flight_never_take_money_for_credits_that_cannot_be_h
     both are written and sent, both are authenticated: the card pays $100 and 500 credits
     land. Right (invariant 10, "refused before anything is written"): the second purchase
     is refused with BALANCE_LIMIT, or every succeeded purchase has its credits. At fault:
-    billing/purchases.py (``account.balance > MAX_BALANCE - credits`` ignores PENDING and
+    billing/payments/purchases.py (``account.balance > MAX_BALANCE - credits`` ignores PENDING and
     REQUIRES_ACTION purchases)."""
     await add_card(admin, "pm_card_authenticationRequired")
     await _fund(admin.account_id, INT_MAX - 600)
@@ -290,7 +292,8 @@ async def test_a_dashboard_charge_of_our_customer_is_not_kept_pending_forever(
     ``payment_intent.succeeded`` is kept ``pending`` ("no payment of ours yet") although
     nothing can ever make it ours: the sweep retries it every minute for good and
     reconciliation reports it as a discrepancy every day after the first (exit 1 forever).
-    Right: it is ``ignored`` (processed). At fault: billing/webhooks.py ``_payment_intent``
+    Right: it is ``ignored`` (processed).
+    At fault: billing/settlement/webhooks.py ``_payment_intent``
     (and ``_paid_payment_for_charge``): "our customer" alone is taken as "may become ours",
     where only an intent whose metadata names a payment of ours can be."""
     stripe_only(harness)
@@ -330,13 +333,13 @@ async def test_a_late_recharge_success_does_not_close_a_newer_crossing(
     gateway call times out (P1 stays PENDING: the sweep will settle it). Staff grant 1,000
     (1,988: at or above the threshold again), a spend of 1,500 crosses again (crossing 2,
     488); its job finds P1 in flight. The sweep settles P1 as succeeded (588) and
-    ``recharge.settle`` closes *the open crossing*, which is now crossing 2: no charge ever
+    ``runs.settle`` closes *the open crossing*, which is now crossing 2: no charge ever
     serves it, and the balance stays at 588, under the threshold, for good. Right (issue 10,
     fault 4: "none until the balance has been at or above the threshold again"): crossing 2
-    gets its own charge (2 recharges, 688). At fault: billing/recharge.py ``settle`` ->
+    gets its own charge (2 recharges, 688). At fault: billing/recharge/runs.py ``settle`` ->
     ``_next_crossing(served=True)`` -> ``close_crossing`` closes whatever crossing is open,
     not the one the payment was for (its ``trigger_key`` names the crossing number)."""
-    from billing.gateways import GatewayUnavailable
+    from billing.payments.gateways import GatewayUnavailable
 
     if gateway_name != "sandbox":
         pytest.skip("the gateway's answer is not what is tried here: one gateway is enough")
@@ -387,7 +390,7 @@ async def _deliver_at_once(queue: InProcessQueue, *events: dict[str, Any]) -> No
     up to ``max_jobs`` jobs at once)."""
     from tortoise.transactions import in_transaction
 
-    from billing import webhooks
+    from billing.settlement import webhooks
 
     ids = []
     for sent in events:
@@ -407,7 +410,8 @@ async def test_two_refund_events_applied_at_once_take_the_refund_once(
     jobs run at once. Each reads the payment's ``refunded_cents`` (0) before taking the
     account lock, so the first takes 200 and the second 500: 700 credits for a 500-credit
     payment. Right: 500 in all, whatever the timing (on SQLite writers are serialised and
-    it holds; on PostgreSQL it breaks). At fault: billing/webhooks.py ``_charge_refunded``
+    it holds; on PostgreSQL it breaks).
+    At fault: billing/settlement/webhooks.py ``_charge_refunded``
     (the payment row is read without a lock; the account lock in ``_take_back`` comes after
     the share was computed from it)."""
     stripe_only(harness)
@@ -444,8 +448,9 @@ async def test_a_dispute_delivered_twice_at_once_takes_the_credits_once(
     ``charge.dispute.created`` and may redeliver under a new event id after a timeout; the
     shipped test plays them one after the other); their jobs run at once. Both check "no
     entry with reference dispute:<id>" before either has written it: 400 credits are taken
-    twice. Right: once. At fault: billing/webhooks.py ``_dispute_created`` (the exists check
-    runs before ``ledger.lock_account``; nothing unique holds ``reference``); the same
+    twice. Right: once.
+    At fault: billing/settlement/webhooks.py ``_dispute_created`` (the exists check
+    runs before ``posting.lock_account``; nothing unique holds ``reference``); the same
     shape in ``_dispute_closed`` gives a win back twice."""
     stripe_only(harness)
     payment = await _paid(admin, 400)
@@ -481,7 +486,7 @@ async def test_a_dispute_won_after_the_credits_were_spent_is_not_kept_pending_fo
     none and is kept ``pending`` "the dispute's opening is not booked yet" — for good: the
     sweep retries it every minute and reconciliation reports it once it is a day old, with
     nothing anyone can do. Right: the win is applied (nothing to give back) and the event is
-    processed. At fault: billing/webhooks.py ``_dispute_closed`` (``taken is None`` means
+    processed. At fault: billing/settlement/webhooks.py ``_dispute_closed`` (``taken is None`` means
     "not booked yet" even when the opening was booked and took 0) with ``_dispute_created``
     (which records nothing when it takes 0). The same happens for a dispute of a fully
     refunded payment (``open_cents`` 0)."""
@@ -519,7 +524,7 @@ async def _take(account_id: str, credits: int) -> None:
     from tortoise.transactions import in_transaction
 
     async with in_transaction():
-        await ledger.post(
+        await posting.post(
             Movement(
                 account_id=account_id,
                 credits=-credits,
@@ -539,7 +544,7 @@ async def test_an_inquiry_closed_without_a_chargeback_gives_the_credits_back(
     does not escalate. Today the opening takes the 400 credits and the close gives nothing
     back (only ``won`` does): the customer loses 400 credits while the vendor kept the $40.
     Right: after the inquiry closed without a chargeback the balance is 400 again (or an
-    inquiry takes nothing). At fault: billing/webhooks.py ``_dispute_created`` (takes on
+    inquiry takes nothing). At fault: billing/settlement/webhooks.py ``_dispute_created`` (takes on
     any status) and ``_dispute_closed`` (``status != "won"`` keeps the credits)."""
     stripe_only(harness)
     payment = await _paid(admin, 400)
@@ -568,12 +573,12 @@ async def test_a_dispute_won_at_the_balance_limit_is_recorded_not_an_error(
     admin: Caller, queue: InProcessQueue, harness: GatewayHarness
 ) -> None:
     """A dispute takes 500 credits; the balance is then brought to 2^31-1 - 100 (grants);
-    the dispute is won. Giving the 500 back would pass the bound, so ``ledger.post`` raises
+    the dispute is won. Giving the 500 back would pass the bound, so ``posting.post`` raises
     BALANCE_LIMIT inside the event's job: the job fails with an exception, the event stays
     unprocessed with no outcome and no reason, and the sweep repeats the failure every
-    minute. Right (as ``settlement._succeeded`` does for a payment): the event is processed
+    minute. Right (as ``booking._succeeded`` does for a payment): the event is processed
     or visibly kept, and the account flagged ("credits can't be returned: move credits").
-    At fault: billing/webhooks.py ``_dispute_closed`` (no BALANCE_LIMIT handling)."""
+    At fault: billing/settlement/webhooks.py ``_dispute_closed`` (no BALANCE_LIMIT handling)."""
     stripe_only(harness)
     payment = await _paid(admin, 500)
     dispute = {
@@ -614,7 +619,7 @@ async def test_a_carried_amount_never_pushes_an_invoice_past_int(
     invoiced (every run fails the same way) and $21M of usage is never billed. Right: every
     invoice fits Int and month 2 is invoiced (the carry waits, or is billed on its own).
     At fault: billing/invoices.py ``close_month`` (total = usage + carried, unchecked)
-    with billing/usage.py ``record_metered`` (bounds the month, not month + carry)."""
+    with billing/spending/usage.py ``record_metered`` (bounds the month, not month + carry)."""
     from billing.enums import InvoiceStatus
     from billing.models import Invoice, MeteredUsage
     from billing.pricing import load_price_book
@@ -687,7 +692,7 @@ async def test_reconcile_reports_refund_entries_that_exceed_the_refunded_share(
     with pytest.raises(_Planted):  # planted, checked, rolled back (the ledger is append-only)
         async with in_transaction():
             for credits in (-500, -200):
-                await ledger.post(
+                await posting.post(
                     Movement(
                         account_id=admin.account_id,
                         credits=credits,
@@ -827,8 +832,9 @@ async def test_a_pending_payment_older_than_the_key_lifetime_is_not_charged_agai
 ) -> None:
     """Stripe forgets an idempotency key after 24 hours: the sweep does not send it again
     (it could charge twice); the account is flagged for staff to look the payment up."""
-    from billing import recharge, sql
+    from billing import sql
     from billing.models import Card
+    from billing.recharge import runs
 
     await add_card(admin, "pm_card_visa")
     card = await Card.get(account_id=admin.account_id)
@@ -846,20 +852,20 @@ async def test_a_pending_payment_older_than_the_key_lifetime_is_not_charged_agai
         updated_at=old,
     )
     charges = gateway.charge_count
-    assert await recharge.heal_payment(gateway, payment.id) is PaymentStatus.PENDING
+    assert await runs.heal_payment(gateway, payment.id) is PaymentStatus.PENDING
     assert gateway.charge_count == charges
     flagged = await Account.get(id=admin.account_id)
     assert flagged.flag_reason and str(payment.id) in flagged.flag_reason
 
 
 async def test_flags_accumulate_until_staff_clear_them(admin: Caller) -> None:
-    from billing import settlement
+    from billing.settlement import booking
 
     await add_card(admin, "pm_card_visa")
-    await settlement.flag(admin.account_id, f"{settlement.MISMATCH_FLAG} first")
-    await settlement.flag(admin.account_id, "Refund exceeded the balance by 3 credits")
+    await booking.flag(admin.account_id, f"{booking.MISMATCH_FLAG} first")
+    await booking.flag(admin.account_id, "Refund exceeded the balance by 3 credits")
     reason = (await Account.get(id=admin.account_id)).flag_reason or ""
-    assert "Refund exceeded" in reason and settlement.MISMATCH_FLAG in reason
+    assert "Refund exceeded" in reason and booking.MISMATCH_FLAG in reason
     await Account.filter(id=admin.account_id).update(flag_reason=None, flagged_at=None)
 
 

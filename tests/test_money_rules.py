@@ -24,12 +24,15 @@ from tortoise.exceptions import IntegrityError, OperationalError
 from tortoise.transactions import in_transaction
 
 from api import ids
-from billing import autorecharge, clock, purchases, reconcile, sql
+from billing import clock, reconcile, sql
 from billing.enums import AutoRechargeTrigger, ErrorCode, PaymentStatus
 from billing.errors import BillingError
-from billing.gateways import AmountBelowMinimum, ChargeRequest, minimum_charge_cents
 from billing.models import Account, Card, GatewayEvent, LedgerEntry, Payment
+from billing.payments import purchases
+from billing.payments.gateways import AmountBelowMinimum, ChargeRequest, minimum_charge_cents
 from billing.pricing import load_price_book
+from billing.recharge import autorecharge
+from runtime.queue import InProcessQueue
 from tests.conftest import Caller
 from tests.gateways import GatewayHarness, StripeHarness
 from tests.invariants import assert_ledger_consistent
@@ -48,7 +51,6 @@ from tests.ops import (
 )
 from tests.test_batch import BATCH
 from tests.test_stripe import CONFIRM, event, intent, payment_row, post_event
-from workers.queue import InProcessQueue
 
 INT_MAX = 2**31 - 1
 
@@ -616,7 +618,7 @@ def _book(tmp_path: Path, name: str, **values: int) -> Any:
 async def test_a_saved_recharge_under_a_new_minimum_pauses_instead_of_charging(
     admin: Caller, staff: Caller, gateway: Any, tmp_path: Path
 ) -> None:
-    from billing import recharge
+    from billing.recharge import runs
 
     saved_with = _book(tmp_path, "then", min_purchase_credits=10)  # 10 credits = 100 cents
     await add_card(admin, "pm_card_visa")
@@ -633,7 +635,7 @@ async def test_a_saved_recharge_under_a_new_minimum_pauses_instead_of_charging(
         )
     now = _book(tmp_path, "now", min_purchase_credits=10, cents_per_credit=1)  # 10 cents
     charges = gateway.charge_count
-    result = await recharge.run(gateway, now, admin.account_id, AutoRechargeTrigger.THRESHOLD)
+    result = await runs.run(gateway, now, admin.account_id, AutoRechargeTrigger.THRESHOLD)
     assert result.outcome.value == "paused" and gateway.charge_count == charges
     setting = await autorecharge.get_setting(admin.account_id)
     assert setting.paused_reason and "minimum" in setting.paused_reason

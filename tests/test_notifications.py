@@ -17,12 +17,14 @@ import pytest
 from starlette.applications import Starlette
 from tortoise.transactions import in_transaction
 
-from billing import clock, notifications
+from billing import clock
 from billing.accounts import ensure_account
 from billing.enums import NotificationKind
-from billing.mailer import LogMailer, Mailer, SmtpMailer, make_mailer
 from billing.models import Notification
-from billing.settings import Settings
+from billing.notifications import outbox
+from runtime.mailer import LogMailer, Mailer, SmtpMailer, make_mailer
+from runtime.queue import InProcessQueue
+from runtime.settings import Settings
 from tests.conftest import Caller
 from tests.mailbox import SmtpServer, free_port
 from workers.mail import (
@@ -31,7 +33,6 @@ from workers.mail import (
     notification_job_id,
     send_notification,
 )
-from workers.queue import InProcessQueue
 
 MAIL_FROM = "Purchase Credits <credits@example.test>"
 
@@ -58,7 +59,7 @@ async def queue(
     body: str = "1,000 credits were added.",
 ) -> int:
     async with in_transaction():
-        notification_id = await notifications.queue(
+        notification_id = await outbox.queue(
             account_id,
             NotificationKind.RECHARGE_SUCCEEDED,
             dedupe_key=key or f"test:{uuid.uuid4().hex}",
@@ -113,12 +114,12 @@ async def test_sent_once_with_recipients_subject_and_message_id(
         subject="Recharge\r\nBcc: victim@example.test",
         body="Hello,\n\n1,000 credits were added to your account.\n",
     )
-    assert nid in await notifications.due_ids(10_000)
+    assert nid in await outbox.due_ids(10_000)
 
-    assert await notifications.send_one(nid, mailer) is True
-    assert await notifications.send_one(nid, mailer) is False
+    assert await outbox.send_one(nid, mailer) is True
+    assert await outbox.send_one(nid, mailer) is False
 
-    mid = notifications.message_id(nid)
+    mid = outbox.message_id(nid)
     assert mid == f"<notification-{nid}@credits>"
     [got] = smtp.inbox.with_id(mid)
     assert got.mail_from == "credits@example.test"
@@ -135,7 +136,7 @@ async def test_sent_once_with_recipients_subject_and_message_id(
     assert row.attempts == 1
     assert row.next_attempt_at is None
     assert row.last_error is None
-    assert nid not in await notifications.due_ids(10_000)
+    assert nid not in await outbox.due_ids(10_000)
 
 
 async def test_default_recipients_are_the_accounts_admins(
@@ -144,8 +145,8 @@ async def test_default_recipients_are_the_accounts_admins(
     await admin.gql("{ viewer { userId } }")  # the API records the admin and its e-mail
     nid = await queue(admin.account_id)
 
-    assert await notifications.send_one(nid, mailer) is True
-    [got] = smtp.inbox.with_id(notifications.message_id(nid))
+    assert await outbox.send_one(nid, mailer) is True
+    [got] = smtp.inbox.with_id(outbox.message_id(nid))
     assert got.rcpt_tos == ["admin@example.com"]
     assert got.message["To"] == "admin@example.com"
     assert got.message["Subject"] == "Your credits were recharged"
@@ -153,7 +154,7 @@ async def test_default_recipients_are_the_accounts_admins(
 
 async def test_no_admin_and_no_recipients_queues_nothing(account: str) -> None:
     async with in_transaction():
-        nid = await notifications.queue(
+        nid = await outbox.queue(
             account,
             NotificationKind.BALANCE_LOW,
             dedupe_key=f"test:{uuid.uuid4().hex}",
@@ -167,9 +168,9 @@ async def test_concurrent_send_one_sends_once(
     account: str, smtp: SmtpServer, mailer: SmtpMailer
 ) -> None:
     nid = await queue(account, recipients=["ops@example.test"])
-    results = await asyncio.gather(*(notifications.send_one(nid, mailer) for _ in range(8)))
+    results = await asyncio.gather(*(outbox.send_one(nid, mailer) for _ in range(8)))
     assert sorted(results) == [False] * 7 + [True]
-    assert len(smtp.inbox.with_id(notifications.message_id(nid))) == 1
+    assert len(smtp.inbox.with_id(outbox.message_id(nid))) == 1
 
 
 async def test_second_sender_during_a_send_sends_nothing(
@@ -177,18 +178,18 @@ async def test_second_sender_during_a_send_sends_nothing(
 ) -> None:
     nid = await queue(account, recipients=["ops@example.test"])
     gate = GateMailer(mailer)
-    first = asyncio.create_task(notifications.send_one(nid, gate))
+    first = asyncio.create_task(outbox.send_one(nid, gate))
     await gate.entered.wait()  # the first has claimed the row and is sending
 
-    assert await notifications.send_one(nid, mailer) is False
-    assert nid not in await notifications.due_ids(10_000)  # the sweep leaves it alone too
+    assert await outbox.send_one(nid, mailer) is False
+    assert nid not in await outbox.due_ids(10_000)  # the sweep leaves it alone too
     q = mail_queue(mailer)
     await sweep(q)
-    assert smtp.inbox.with_id(notifications.message_id(nid)) == []
+    assert smtp.inbox.with_id(outbox.message_id(nid)) == []
 
     gate.release.set()
     assert await first is True
-    assert len(smtp.inbox.with_id(notifications.message_id(nid))) == 1
+    assert len(smtp.inbox.with_id(outbox.message_id(nid))) == 1
     assert (await Notification.get(id=nid)).attempts == 1
 
 
@@ -206,10 +207,10 @@ async def test_sweep_twice_and_concurrently_sends_each_once(
     await sweep(q)
 
     for i, nid in enumerate(ids):
-        [got] = smtp.inbox.with_id(notifications.message_id(nid))
+        [got] = smtp.inbox.with_id(outbox.message_id(nid))
         assert got.rcpt_tos == [f"user{i}@example.test"]
         assert (await Notification.get(id=nid)).sent_at is not None
-    assert not set(ids) & set(await notifications.due_ids(10_000))
+    assert not set(ids) & set(await outbox.due_ids(10_000))
 
 
 async def test_job_delivered_twice_sends_once(
@@ -227,7 +228,7 @@ async def test_job_delivered_twice_sends_once(
     await q.drain()
 
     for nid in ids:
-        assert len(smtp.inbox.with_id(notifications.message_id(nid))) == 1
+        assert len(smtp.inbox.with_id(outbox.message_id(nid))) == 1
 
 
 async def test_send_notification_job(account: str, smtp: SmtpServer, mailer: SmtpMailer) -> None:
@@ -235,7 +236,7 @@ async def test_send_notification_job(account: str, smtp: SmtpServer, mailer: Smt
     ctx: Any = {"mailer": mailer}
     assert await send_notification(ctx, nid) is True
     assert await send_notification(ctx, nid) is False
-    assert len(smtp.inbox.with_id(notifications.message_id(nid))) == 1
+    assert len(smtp.inbox.with_id(outbox.message_id(nid))) == 1
 
 
 async def test_same_dedupe_key_twice_gives_one_email(
@@ -244,7 +245,7 @@ async def test_same_dedupe_key_twice_gives_one_email(
     key = f"test:{uuid.uuid4().hex}"
     nid = await queue(account, recipients=["ops@example.test"], key=key)
     async with in_transaction():
-        again = await notifications.queue(
+        again = await outbox.queue(
             account,
             NotificationKind.RECHARGE_SUCCEEDED,
             dedupe_key=key,
@@ -256,8 +257,8 @@ async def test_same_dedupe_key_twice_gives_one_email(
     assert await Notification.filter(dedupe_key=key).count() == 1
 
     await sweep(mail_queue(mailer))
-    assert await notifications.send_one(nid, mailer) is False
-    [got] = smtp.inbox.with_id(notifications.message_id(nid))
+    assert await outbox.send_one(nid, mailer) is False
+    [got] = smtp.inbox.with_id(outbox.message_id(nid))
     assert got.rcpt_tos == ["ops@example.test"]
 
 
@@ -266,11 +267,11 @@ async def test_refused_then_retried_after_backoff(
     account: str, smtp: SmtpServer, mailer: SmtpMailer, refuse: str
 ) -> None:
     nid = await queue(account, recipients=["ops@example.test"])
-    mid = notifications.message_id(nid)
+    mid = outbox.message_id(nid)
     q = mail_queue(mailer)
     smtp.inbox.refuse = refuse
 
-    assert await notifications.send_one(nid, mailer) is False
+    assert await outbox.send_one(nid, mailer) is False
     row = await Notification.get(id=nid)
     assert row.sent_at is None
     assert row.attempts == 1
@@ -279,16 +280,16 @@ async def test_refused_then_retried_after_backoff(
     assert smtp.inbox.with_id(mid) == []
 
     # Not due before its time: neither a direct call nor the sweep tries again.
-    assert nid not in await notifications.due_ids(10_000)
-    assert await notifications.send_one(nid, mailer) is False
+    assert nid not in await outbox.due_ids(10_000)
+    assert await outbox.send_one(nid, mailer) is False
     await sweep(q)
     assert (await Notification.get(id=nid)).attempts == 1
 
     smtp.inbox.refuse = None
     with clock.travel(row.next_attempt_at + timedelta(seconds=1)):
-        assert nid in await notifications.due_ids(10_000)
+        assert nid in await outbox.due_ids(10_000)
         await asyncio.gather(sweep(q), sweep(q))
-        assert await notifications.send_one(nid, mailer) is False
+        assert await outbox.send_one(nid, mailer) is False
         await sweep(q)
 
     assert len(smtp.inbox.with_id(mid)) == 1
@@ -305,32 +306,32 @@ async def test_unreachable_server_backs_off_and_is_never_lost(
     nid = await queue(account, recipients=["ops@example.test"])
     down = SmtpMailer(f"smtp://127.0.0.1:{free_port()}", mail_from=MAIL_FROM, timeout=10)
 
-    assert await notifications.send_one(nid, down) is False
+    assert await outbox.send_one(nid, down) is False
     first = await Notification.get(id=nid)
     assert (first.attempts, first.sent_at) == (1, None)
     assert first.last_error and first.next_attempt_at is not None
-    assert await notifications.send_one(nid, mailer) is False  # not before its time
+    assert await outbox.send_one(nid, mailer) is False  # not before its time
 
     with clock.travel(first.next_attempt_at + timedelta(seconds=1)):
-        assert await notifications.send_one(nid, down) is False
+        assert await outbox.send_one(nid, down) is False
         second = await Notification.get(id=nid)
         assert (second.attempts, second.sent_at) == (2, None)
         assert second.next_attempt_at is not None
-        assert await notifications.send_one(nid, mailer) is False
+        assert await outbox.send_one(nid, mailer) is False
 
     # The wait doubled: still not due when the first wait would have passed again.
-    with clock.travel(second.next_attempt_at - notifications.retry_delay(1)):
-        assert nid not in await notifications.due_ids(10_000)
+    with clock.travel(second.next_attempt_at - outbox.retry_delay(1)):
+        assert nid not in await outbox.due_ids(10_000)
     with clock.travel(second.next_attempt_at + timedelta(seconds=1)):
-        assert await notifications.send_one(nid, mailer) is True
-    assert len(smtp.inbox.with_id(notifications.message_id(nid))) == 1
+        assert await outbox.send_one(nid, mailer) is True
+    assert len(smtp.inbox.with_id(outbox.message_id(nid))) == 1
     assert (await Notification.get(id=nid)).attempts == 3
 
 
 def test_backoff_doubles_to_an_hour_and_never_stops() -> None:
-    minutes = [notifications.retry_delay(n) / timedelta(minutes=1) for n in range(1, 10)]
+    minutes = [outbox.retry_delay(n) / timedelta(minutes=1) for n in range(1, 10)]
     assert minutes == [1, 2, 4, 8, 16, 32, 60, 60, 60]
-    assert notifications.retry_delay(10_000) == timedelta(hours=1)
+    assert outbox.retry_delay(10_000) == timedelta(hours=1)
 
 
 async def test_some_recipients_refused_is_not_resent(
@@ -339,13 +340,13 @@ async def test_some_recipients_refused_is_not_resent(
     smtp.inbox.refuse_rcpt = {"gone@example.test"}
     nid = await queue(account, recipients=["ops@example.test", "gone@example.test"])
 
-    assert await notifications.send_one(nid, mailer) is True
-    [got] = smtp.inbox.with_id(notifications.message_id(nid))
+    assert await outbox.send_one(nid, mailer) is True
+    [got] = smtp.inbox.with_id(outbox.message_id(nid))
     assert got.rcpt_tos == ["ops@example.test"]
     row = await Notification.get(id=nid)
     assert row.sent_at is not None
     assert row.last_error is not None and "gone@example.test" in row.last_error
-    assert nid not in await notifications.due_ids(10_000)
+    assert nid not in await outbox.due_ids(10_000)
 
 
 async def test_rolled_back_notification_never_exists(
@@ -359,7 +360,7 @@ async def test_rolled_back_notification_never_exists(
     nid: int | None = None
     with pytest.raises(Boom):
         async with in_transaction():
-            nid = await notifications.queue(
+            nid = await outbox.queue(
                 account,
                 NotificationKind.INVOICE_FAILED,
                 dedupe_key=key,
@@ -372,24 +373,24 @@ async def test_rolled_back_notification_never_exists(
     assert nid is not None
     assert not await Notification.filter(id=nid).exists()
     assert not await Notification.filter(dedupe_key=key).exists()
-    assert nid not in await notifications.due_ids(10_000)
-    assert await notifications.send_one(nid, mailer) is False
+    assert nid not in await outbox.due_ids(10_000)
+    assert await outbox.send_one(nid, mailer) is False
     await sweep(mail_queue(mailer))
-    assert smtp.inbox.with_id(notifications.message_id(nid)) == []
+    assert smtp.inbox.with_id(outbox.message_id(nid)) == []
 
     # The key was never used: the event happening for real queues it.
     again = await queue(account, recipients=["ops@example.test"], key=key)
-    assert await notifications.send_one(again, mailer) is True
-    assert len(smtp.inbox.with_id(notifications.message_id(again))) == 1
+    assert await outbox.send_one(again, mailer) is True
+    assert len(smtp.inbox.with_id(outbox.message_id(again))) == 1
 
 
 async def test_send_one_refuses_to_run_inside_a_transaction(account: str) -> None:
     nid = await queue(account, recipients=["ops@example.test"])
     with pytest.raises(RuntimeError):
         async with in_transaction():
-            await notifications.send_one(nid, LogMailer(mail_from=MAIL_FROM))
+            await outbox.send_one(nid, LogMailer(mail_from=MAIL_FROM))
     assert (await Notification.get(id=nid)).attempts == 0
-    assert await notifications.send_one(nid, LogMailer(mail_from=MAIL_FROM)) is True
+    assert await outbox.send_one(nid, LogMailer(mail_from=MAIL_FROM)) is True
 
 
 async def test_log_mailer_logs_the_mail(account: str, caplog: pytest.LogCaptureFixture) -> None:
@@ -399,10 +400,10 @@ async def test_log_mailer_logs_the_mail(account: str, caplog: pytest.LogCaptureF
         subject="Auto-recharge paused",
         body="Your card was declined three times.",
     )
-    with caplog.at_level(logging.INFO, logger="billing.mailer"):
-        assert await notifications.send_one(nid, LogMailer(mail_from=MAIL_FROM)) is True
-    text = "\n".join(r.getMessage() for r in caplog.records if r.name == "billing.mailer")
-    assert notifications.message_id(nid) in text
+    with caplog.at_level(logging.INFO, logger="runtime.mailer"):
+        assert await outbox.send_one(nid, LogMailer(mail_from=MAIL_FROM)) is True
+    text = "\n".join(r.getMessage() for r in caplog.records if r.name == "runtime.mailer")
+    assert outbox.message_id(nid) in text
     assert "ops@example.test" in text
     assert "Auto-recharge paused" in text
     assert "Your card was declined three times." in text

@@ -25,12 +25,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from api.observability import readiness
 from api.permissions import TABLE
-from billing import logs
-from billing.settings import Settings
+from runtime import logs
+from runtime.queue import ArqQueue, InProcessQueue
+from runtime.settings import Settings
 from tests.conftest import ROOT, TEST_SECRET, Caller, MakeCaller
 from tests.gateways import free_port
 from tests.ops import add_card, buy, consume, grant
-from workers.queue import ArqQueue, InProcessQueue
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -250,7 +250,7 @@ async def test_readyz_reports_redis_down_as_degraded_not_unready(
     /readyz says so in its body and its metric, and stays 200, so a load balancer keeps
     every replica in."""
     from api.app import create_app
-    from workers.live import InProcessBroadcaster
+    from runtime.live import InProcessBroadcaster
 
     arq_settings = settings.model_copy(update={"job_queue": "arq"})
     gone = ArqQueue(ArqRedis(host="127.0.0.1", port=free_port(), socket_connect_timeout=1))

@@ -11,9 +11,9 @@ import httpx
 import pytest
 
 from billing.enums import Role
+from runtime.queue import InProcessQueue
 from tests.conftest import Caller, MakeCaller
 from tests.ops import AUTO_RECHARGE, METERED, REVERSE, add_card, buy, consume, grant, key
-from workers.queue import InProcessQueue
 
 STATUS = "{ creditAccount { autoRecharge { status enabled trigger thresholdCredits "
 STATUS += "rechargeCredits usePrimaryCard card { id } notify notifyEmails monthlyLimitCredits } } }"

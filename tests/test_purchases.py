@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from billing.enums import Role
-from billing.gateways.sandbox import SandboxGateway
+from billing.payments.gateways.sandbox import SandboxGateway
 from tests.conftest import Caller, MakeCaller
 from tests.invariants import assert_ledger_consistent
 from tests.ops import HISTORY, PURCHASE, add_card, balance, codes, key

@@ -8,12 +8,13 @@ from typing import Any
 
 import pytest
 
-from billing import clock, recharge
+from billing import clock
 from billing.models import AutoRechargeSetting, LedgerEntry, Notification, Payment
+from billing.recharge import runs
+from runtime.queue import InProcessQueue
 from tests.conftest import Caller
 from tests.invariants import assert_ledger_consistent
 from tests.ops import AUTO_RECHARGE, CONSUME, add_card, balance, grant, key
-from workers.queue import InProcessQueue
 
 SETTING = """{ creditAccount { balance autoRecharge { enabled trigger nextRunAt lastRunAt
   consecutiveFailures pausedReason card { id } } } }"""
@@ -206,7 +207,7 @@ async def test_three_declines_pause_and_send_one_email(
     assert await notices(admin.account_id, "RECHARGE_FAILED") == 0  # notify is off
     assert await recharges(admin.account_id) == []
     # The sweep does not pick a paused account up again.
-    assert admin.account_id not in [a for a, _ in await recharge.below_threshold()]
+    assert admin.account_id not in [a for a, _ in await runs.below_threshold()]
 
 
 async def test_a_new_card_clears_the_pause(
@@ -264,7 +265,7 @@ async def test_schedule_due_three_times_charges_once_and_moves_on(
         after = await AutoRechargeSetting.get(account_id=admin.account_id)
         assert after.next_run_at == first_due + timedelta(days=21)
         assert after.last_run_at is not None and after.last_run_at >= later
-        due = [a for a, _ in await recharge.due_schedules()]
+        due = [a for a, _ in await runs.due_schedules()]
         assert admin.account_id not in due
     assert [e.credits for e in await recharges(admin.account_id)] == [200]
 
@@ -347,11 +348,11 @@ async def test_sweep_settles_a_payment_stuck_in_pending(
     await admin_spends_below(admin, staff, queue)
     # The worker dies after Stripe charged, before the outcome was written.
     crash = _CrashAfterCharge(gateway)
-    result = await recharge.run(
+    result = await runs.run(
         crash,
         queue.ctx["book"],
         admin.account_id,  # type: ignore[arg-type]
-        recharge.AutoRechargeTrigger.THRESHOLD,
+        runs.AutoRechargeTrigger.THRESHOLD,
     )
     assert result.outcome == "pending" and crash.charged == 1
     [payment] = await attempts(admin.account_id)
@@ -403,7 +404,7 @@ class _CrashAfterCharge:
     async def charge(self, request: Any) -> Any:
         await self.inner.charge(request)
         self.charged += 1
-        from billing.gateways import GatewayUnavailable
+        from billing.payments.gateways import GatewayUnavailable
 
         raise GatewayUnavailable("connection reset after the charge")
 
@@ -435,7 +436,7 @@ async def test_removing_the_pinned_card_falls_back_and_tells_the_admins(
 async def test_pause_email_reaches_the_smtp_server_exactly_once(
     admin: Caller, service: Caller, staff: Caller, queue: InProcessQueue, smtp: Any
 ) -> None:
-    from billing.mailer import SmtpMailer
+    from runtime.mailer import SmtpMailer
 
     previous = queue.ctx.get("mailer")
     queue.ctx["mailer"] = SmtpMailer(smtp.url, mail_from="credits@example.test", timeout=10)
@@ -457,7 +458,7 @@ async def test_pause_email_reaches_the_smtp_server_exactly_once(
             await queue.drain()
     finally:
         queue.ctx["mailer"] = previous
-    from billing.notifications import message_id
+    from billing.notifications.outbox import message_id
 
     [notice] = await Notification.filter(account_id=admin.account_id, kind="AUTO_RECHARGE_PAUSED")
     received = smtp.inbox.with_id(message_id(notice.id))

@@ -18,11 +18,11 @@ from tortoise.transactions import in_transaction
 from billing import reconcile, sql
 from billing.enums import PaymentKind, PaymentStatus, ProcessType, Role, TransactionType
 from billing.models import Account, LedgerEntry, Payment
-from billing.settings import Settings
+from runtime.queue import InProcessQueue
+from runtime.settings import Settings
 from tests.conftest import ROOT, TEST_SECRET, WEBHOOK_SECRET, Caller, MakeCaller
 from tests.gateways import GatewayHarness
 from tests.ops import AUTO_RECHARGE, add_card, buy, consume, grant
-from workers.queue import InProcessQueue
 
 
 class _Rollback(Exception):
@@ -451,7 +451,7 @@ async def test_stripe_kinds_of_discrepancy_are_reported(
         )
     ).json()["latest_charge"]
     async with in_transaction():
-        from billing import webhooks
+        from billing.settlement import webhooks
 
         stored = await webhooks.record(
             "stripe",

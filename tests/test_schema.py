@@ -10,7 +10,7 @@ from graphql import (
     find_dangerous_changes,
 )
 
-from api.schema import schema
+from api.graphql.schema import schema
 from billing import sql
 from tests.conftest import ROOT
 
@@ -123,13 +123,13 @@ async def test_database_refuses_a_negative_balance(app: object, account_id: str)
 
 
 async def test_ledger_is_append_only_in_the_database(app: object, account_id: str) -> None:
-    from billing import ledger
     from billing.accounts import ensure_account
     from billing.enums import ProcessType, TransactionType
+    from billing.ledger import posting
 
     await ensure_account(account_id)
-    entry = await ledger.post(
-        ledger.Movement(
+    entry = await posting.post(
+        posting.Movement(
             account_id=account_id,
             credits=5,
             type=TransactionType.GRANT,

@@ -13,16 +13,16 @@ import pytest
 import pytest_asyncio
 
 from api import ids
-from billing import purchases
-from billing.gateways import ChargeRequest, ChargeResult, GatewayUnavailable
-from billing.gateways.stripe_gateway import GatewayMisconfigured, StripeGateway
 from billing.models import Card, GatewayEvent, LedgerEntry, Payment
+from billing.payments import purchases
+from billing.payments.gateways import ChargeRequest, ChargeResult, GatewayUnavailable
+from billing.payments.gateways.stripe_gateway import GatewayMisconfigured, StripeGateway
 from billing.pricing import load_price_book
+from runtime.queue import InProcessQueue
 from tests.conftest import WEBHOOK_SECRET, Caller
 from tests.gateways import StripeHarness, signed
 from tests.invariants import assert_ledger_consistent
 from tests.ops import ACCOUNT, PURCHASE, add_card, balance, buy, codes, key
-from workers.queue import InProcessQueue
 
 CONFIRM = """mutation($id: ID!) { confirmPurchase(input: {paymentId: $id}) {
   payment { id status clientSecret } transaction { id credits } balance errors { code field }

@@ -7,9 +7,9 @@ import os
 
 from arq.worker import get_kwargs
 
-from billing import logs
-from billing.settings import get_settings
-from workers.resilience import ResilientWorker
+from runtime import logs
+from runtime.resilience import ResilientWorker
+from runtime.settings import get_settings
 from workers.settings import WorkerSettings
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, TypedDict
 
 if TYPE_CHECKING:
-    from billing.gateways import PaymentGateway
+    from billing.payments.gateways import PaymentGateway
     from billing.pricing import PriceBook
-    from billing.settings import Settings
-    from workers.live import Broadcaster
-    from workers.queue import JobQueue
+    from runtime.live import Broadcaster
+    from runtime.queue import JobQueue
+    from runtime.settings import Settings
 
 
 class JobContext(TypedDict, total=False):
@@ -17,6 +17,6 @@ class JobContext(TypedDict, total=False):
     gateway: PaymentGateway
     book: PriceBook
     queue: JobQueue  # to enqueue follow-up jobs (after the job's own commit)
-    mailer: Any  # billing.mailer.Mailer
+    mailer: Any  # runtime.mailer.Mailer
     live: Broadcaster  # live balance updates, published after the job's commit
     job_id: str

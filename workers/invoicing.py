@@ -21,8 +21,8 @@ from tortoise.transactions import in_transaction
 from billing import invoices
 from billing.enums import InvoiceStatus
 from billing.models import Invoice
+from runtime.queue import JobFunction, JobQueue
 from workers.context import JobContext
-from workers.queue import JobFunction, JobQueue
 
 log = logging.getLogger(__name__)
 

@@ -11,14 +11,16 @@ from typing import Any
 
 from tortoise.transactions import in_transaction
 
-from billing import changes, recharge, webhooks
+from billing import changes
 from billing.enums import AutoRechargeTrigger
+from billing.recharge import runs
+from billing.settlement import webhooks
+from runtime.live import publish_changes
+from runtime.queue import JobFunction
 from workers.context import JobContext
 from workers.invoicing import INVOICE_FUNCTIONS
-from workers.live import publish_changes
 from workers.mail import MAIL_FUNCTIONS
 from workers.metrics import count_recharge, instrument
-from workers.queue import JobFunction
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ async def process_gateway_event(ctx: JobContext, event_id: int) -> bool:
 async def threshold_recharge(ctx: JobContext, account_id: str) -> str:
     """Recharge an account that fell below its threshold (re-checked under its lock)."""
     with changes.collect() as changed:
-        result = await recharge.run(
+        result = await runs.run(
             ctx["gateway"], ctx["book"], account_id, AutoRechargeTrigger.THRESHOLD
         )
     await after_commit(ctx, changed)
@@ -64,7 +66,7 @@ async def threshold_recharge(ctx: JobContext, account_id: str) -> str:
 async def scheduled_recharge(ctx: JobContext, account_id: str, due_at: str) -> str:
     """The scheduled recharge due at ``due_at`` (ISO), once."""
     with changes.collect() as changed:
-        result = await recharge.run(
+        result = await runs.run(
             ctx["gateway"],
             ctx["book"],
             account_id,
@@ -79,7 +81,7 @@ async def scheduled_recharge(ctx: JobContext, account_id: str, due_at: str) -> s
 
 async def enqueue_due_schedules(ctx: JobContext) -> int:
     """Cron: queue every scheduled recharge whose time has come."""
-    due = await recharge.due_schedules()
+    due = await runs.due_schedules()
     for account_id, at in due:
         await ctx["queue"].enqueue(
             "scheduled_recharge",
@@ -96,17 +98,17 @@ async def sweep(ctx: JobContext) -> dict[str, int]:
     Accounts below their threshold with no recharge in flight get their job; payments stuck
     in PENDING are settled from the gateway's record; stored events not yet processed are
     processed."""
-    below = await recharge.below_threshold()
+    below = await runs.below_threshold()
     for account_id, seq in below:
         await ctx["queue"].enqueue(
             "threshold_recharge", account_id, job_id=f"recharge:{account_id}:{seq}"
         )
-    stuck = await recharge.stuck_payments() + await recharge.payments_to_recheck()
+    stuck = await runs.stuck_payments() + await runs.payments_to_recheck()
     healed = 0
     for payment_id in stuck:
         try:
             with changes.collect() as changed:
-                await recharge.heal_payment(ctx["gateway"], payment_id)
+                await runs.heal_payment(ctx["gateway"], payment_id)
             await after_commit(ctx, changed)
             healed += 1
         except Exception:

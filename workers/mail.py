@@ -1,4 +1,4 @@
-"""Job functions that deliver the notification outbox (``billing.notifications``).
+"""Job functions that deliver the notification outbox (``billing.notifications.outbox``).
 
 ``send_notification`` is enqueued after the transaction that queued a notification
 commits, with ``job_id=notification_job_id(id)``; ``deliver_pending_notifications`` is the
@@ -8,10 +8,10 @@ a retry after an SMTP failure, or a claim whose worker died.
 
 from __future__ import annotations
 
-from billing import notifications
-from billing.mailer import Mailer, make_mailer
+from billing.notifications import outbox
+from runtime.mailer import Mailer, make_mailer
+from runtime.queue import JobFunction
 from workers.context import JobContext
-from workers.queue import JobFunction
 
 SWEEP_BATCH = 500
 
@@ -33,7 +33,7 @@ def _mailer(ctx: JobContext) -> Mailer:
 async def send_notification(ctx: JobContext, notification_id: int) -> bool:
     """Send one notification; False if it was sent already, is not due, or failed (the
     failure is recorded on the row and the sweep retries it)."""
-    return await notifications.send_one(notification_id, _mailer(ctx))
+    return await outbox.send_one(notification_id, _mailer(ctx))
 
 
 async def deliver_pending_notifications(ctx: JobContext) -> int:
@@ -41,7 +41,7 @@ async def deliver_pending_notifications(ctx: JobContext) -> int:
     queued = 0
     after_id = 0
     while True:
-        page = await notifications.due(SWEEP_BATCH, after_id=after_id)
+        page = await outbox.due(SWEEP_BATCH, after_id=after_id)
         for item in page:
             if await ctx["queue"].enqueue(
                 "send_notification",

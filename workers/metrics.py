@@ -13,8 +13,8 @@ from typing import Any
 
 from prometheus_client import Counter, Histogram, start_http_server
 
-from billing import logs
-from workers.queue import JobFunction
+from runtime import logs
+from runtime.queue import JobFunction
 
 log = logging.getLogger(__name__)
 

@@ -8,15 +8,15 @@ from arq import cron, func
 from arq.connections import RedisSettings
 from tortoise import Tortoise
 
-from billing.db import tortoise_config
-from billing.gateways.factory import make_gateway
 from billing.pricing import load_price_book
-from billing.settings import Settings, get_settings
+from runtime.db import tortoise_config
+from runtime.factory import make_gateway
+from runtime.live import RedisBroadcaster, channel_prefix
+from runtime.queue import ArqQueue
+from runtime.settings import Settings, get_settings
 from workers.jobs import FUNCTIONS, PERIODIC
-from workers.live import RedisBroadcaster, channel_prefix
 from workers.metrics import instrument
 from workers.metrics import serve as serve_metrics
-from workers.queue import ArqQueue
 
 KEEP_RESULT_SECONDS = 60  # job ids dedupe while a job runs; the database keeps the truth
 
@@ -24,7 +24,7 @@ KEEP_RESULT_SECONDS = 60  # job ids dedupe while a job runs; the database keeps 
 #: gateway call (Stripe retries included, a few seconds) and a couple of short
 #: transactions; a job cut off here leaves a PENDING payment the sweep settles. arq keeps
 #: a job's in-progress key for the longest limit + 10 s; a job whose worker died is freed
-#: sooner than that by ``workers.resilience.reap_orphaned_jobs``.
+#: sooner than that by ``runtime.resilience.reap_orphaned_jobs``.
 JOB_TIMEOUTS: dict[str, float] = {
     "process_gateway_event": 30,
     "threshold_recharge": 30,
@@ -45,7 +45,7 @@ REDIS_START_RETRIES = 60
 
 async def bind_context(ctx: dict[str, Any], settings: Settings) -> None:
     """What every job finds in ``ctx`` (see workers.context.JobContext)."""
-    from billing.mailer import make_mailer
+    from runtime.mailer import make_mailer
 
     gateway = make_gateway(settings)
     verify = getattr(gateway, "verify", None)

@@ -1,0 +1,460 @@
+"""Spending credits: usage by platform services, reversals, staff grants and adjustments.
+
+Each public function runs inside the caller's transaction and either completes or raises
+``BillingError`` (nothing written). Keyed calls replay their first result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass
+
+from tortoise.transactions import in_transaction
+
+from billing import changes, idempotency, sql
+from billing.accounts import ensure_account, validate_account_id, validate_user_id
+from billing.enums import BillingMode, ErrorCode, ProcessType, TransactionType
+from billing.errors import Validator, fail
+from billing.ledger import fastspend as fast
+from billing.ledger import posting
+from billing.ledger.posting import Movement
+from billing.models import Account, Card, LedgerEntry, MeteredUsage
+from billing.payments.gateways import minimum_charge_cents
+from billing.pricing import PriceBook, ProcessPrice
+from billing.spending.quota import month_bounds, take_free_units
+
+MIN_QUANTITY = 1
+MAX_QUANTITY = 10_000
+MAX_REFERENCE = 255
+MAX_REASON = 500
+MAX_STAFF_CREDITS = 10_000_000
+
+_DESCRIPTIONS = {
+    ProcessType.HANDWRITTEN_LETTER: "Handwritten letter",
+    ProcessType.POSTCARD: "Postcard",
+    ProcessType.ADVANCED_EMAIL_TEST: "Advanced email test",
+    ProcessType.SOCIAL_MEDIA_APPEND: "Social media append",
+    ProcessType.SMART_MATCH: "Smart match",
+    ProcessType.PROSPECT_SEARCH: "Prospect search",
+    ProcessType.PREMIUM_AUDIO_TRANSCRIPTION: "Premium audio transcription",
+    ProcessType.BUSINESS_CARD_TRANSCRIPTION: "Business card transcription",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumeResult:
+    entry: LedgerEntry | None
+    balance: int
+    free_units_applied: int
+    recharge_seq: int | None = None  # the spend left the balance below the recharge threshold
+
+
+def _check_usage_input(
+    v: Validator, quantity: int, reference: str | None, account_id: str, user_id: str
+) -> None:
+    if not MIN_QUANTITY <= quantity <= MAX_QUANTITY:
+        v.add(f"quantity must be {MIN_QUANTITY} to {MAX_QUANTITY:,}", "quantity")
+    if reference is not None and len(reference) > MAX_REFERENCE:
+        v.add(f"reference must be at most {MAX_REFERENCE} characters", "reference")
+    validate_account_id(v, account_id, "accountId")
+    validate_user_id(v, user_id, "userId")
+
+
+def describe_usage(process_type: ProcessType, quantity: int, free: int) -> str:
+    label = _DESCRIPTIONS.get(process_type, process_type.value)
+    return f"{label} x {quantity}" + (f" ({free} free)" if free else "")
+
+
+def _prepaid_price(book: PriceBook, process_type: ProcessType) -> ProcessPrice:
+    price = book.process(process_type)
+    if price is None or price.billing is BillingMode.METERED:
+        hint = " (it is metered: use recordMeteredUsage)" if price else ""
+        raise fail(
+            ErrorCode.VALIDATION,
+            f"{process_type.value} cannot be paid with credits{hint}",
+            "processType",
+        )
+    return price
+
+
+async def consume(
+    book: PriceBook,
+    *,
+    account_id: str,
+    user_id: str,
+    process_type: ProcessType,
+    quantity: int,
+    reference: str | None,
+    idempotency_key: str,
+) -> ConsumeResult:
+    """Spend credits for ``quantity`` units of a prepaid process, free quota first.
+
+    Owns its transaction: on PostgreSQL a plain prepaid spend is one statement (claim the
+    key, debit, append the entry), so the account's row lock is held only while that
+    statement runs, never across a round trip; anything else (free quota, a refusal, a
+    low-balance crossing, SQLite) runs as ``consume_in_transaction``.
+    """
+    v = Validator()
+    _check_usage_input(v, quantity, reference, account_id, user_id)
+    v.check()
+    price = _prepaid_price(book, process_type)
+    idempotency.check_key(idempotency_key)
+    if price.billing is BillingMode.PREPAID and _fast_path_applies():
+        await ensure_account(account_id)
+        params = _consume_params(user_id, process_type, quantity, reference)
+        for _ in range(_REPLAY_WAITS):
+            done = await fast.spend(
+                account_id=account_id,
+                user_id=user_id,
+                process_type=process_type,
+                quantity=quantity,
+                reference=reference,
+                idempotency_key=idempotency_key,
+                params=params,
+                credits=quantity * (price.credits_per_unit or 0),
+                description=describe_usage(process_type, quantity, 0),
+            )
+            if isinstance(done, fast.Spent):
+                changes.entry_posted(done.entry)
+                return ConsumeResult(done.entry, done.entry.balance_after, 0, done.recharge_seq)
+            if done is None:
+                break  # the transactional path decides (and explains)
+            replayed = await replay_when_settled(account_id, idempotency_key, params)
+            if replayed is not None:
+                return replayed
+            # the first request with this key was withdrawn: try again as a fresh one
+    async with in_transaction():
+        return await consume_in_transaction(
+            book,
+            account_id=account_id,
+            user_id=user_id,
+            process_type=process_type,
+            quantity=quantity,
+            reference=reference,
+            idempotency_key=idempotency_key,
+        )
+
+
+_REPLAY_WAITS = 50
+_REPLAY_SLEEP = 0.02  # 50 waits outlast idempotency.UNSETTLED_AFTER
+
+
+def _consume_params(
+    user_id: str, process_type: ProcessType, quantity: int, reference: str | None
+) -> dict[str, object]:
+    return {
+        "userId": user_id,
+        "processType": process_type.value,
+        "quantity": quantity,
+        "reference": reference,
+    }
+
+
+async def replay_when_settled(
+    account_id: str, key: str, params: dict[str, object]
+) -> ConsumeResult | None:
+    """The first request's result; it may still be settling (a fast-path claim whose
+    spend fell back to a transaction), so wait for it a moment. ``None`` if it was
+    withdrawn (refused: the key is free again). Every writer that finds a key claimed
+    (a single spend, a batch) goes through here, so they treat an earlier claimant alike.
+
+    Raises ``IDEMPOTENCY_KEY_REUSED`` if the key was used with other parameters."""
+    for _ in range(_REPLAY_WAITS):
+        record = await idempotency.lookup(account_id, key, "consumeCredits", params)
+        if record is None:
+            return None
+        entry_id = record.result.get("entry_id")
+        if entry_id is None or await LedgerEntry.exists(id=entry_id, account_id=account_id):
+            return await _replay_consume(account_id, record.result)
+        if await idempotency.withdraw_unsettled(account_id, key, str(entry_id)):
+            return None  # its withdrawal was lost: withdrawn now, the key is free
+        await asyncio.sleep(_REPLAY_SLEEP)
+    raise RuntimeError(f"idempotency key {key!r} of {account_id} did not settle")
+
+
+def _fast_path_applies() -> bool:
+    return sql.is_postgres(sql.connection()) and not sql.in_transaction()
+
+
+async def consume_in_transaction(
+    book: PriceBook,
+    *,
+    account_id: str,
+    user_id: str,
+    process_type: ProcessType,
+    quantity: int,
+    reference: str | None,
+    idempotency_key: str,
+) -> ConsumeResult:
+    """``consume`` in the caller's transaction."""
+    v = Validator()
+    _check_usage_input(v, quantity, reference, account_id, user_id)
+    v.check()
+    price = _prepaid_price(book, process_type)
+    idempotency.check_key(idempotency_key)
+    await ensure_account(account_id)
+
+    entry_id = uuid.uuid4()
+    params = _consume_params(user_id, process_type, quantity, reference)
+    for _ in range(_REPLAY_WAITS):
+        replay = await idempotency.claim(
+            account_id,
+            idempotency_key,
+            "consumeCredits",
+            params,
+            {"entry_id": str(entry_id), "free_units": 0},
+        )
+        if replay is None:
+            break
+        first_entry = replay.result.get("entry_id")
+        if first_entry is None or await LedgerEntry.exists(id=first_entry, account_id=account_id):
+            return await _replay_consume(account_id, replay.result)
+        # A fast-path claim whose spend was refused, about to be withdrawn (its entry
+        # would have come in the same statement): claim again once it is gone, or
+        # withdraw it when its own withdrawal was lost.
+        if not await idempotency.withdraw_unsettled(account_id, idempotency_key, str(first_entry)):
+            await asyncio.sleep(_REPLAY_SLEEP)
+    else:
+        raise RuntimeError(f"idempotency key {idempotency_key!r} of {account_id} did not settle")
+
+    free = 0
+    if price.billing is BillingMode.FREE_QUOTA_THEN_PREPAID:
+        account = await Account.get(id=account_id)
+        free = await take_free_units(
+            account_id, account.timezone, process_type, quantity, price.free_monthly_quota or 0
+        )
+    paid_units = quantity - free
+    if paid_units == 0:
+        balance = await posting.balance_of(account_id)
+        await idempotency.update_result(
+            account_id, idempotency_key, {"entry_id": None, "free_units": free, "balance": balance}
+        )
+        return ConsumeResult(None, balance, free)
+
+    assert price.credits_per_unit is not None
+    credits = paid_units * price.credits_per_unit
+    description = describe_usage(process_type, quantity, free)
+    posted = await posting.post_returning(
+        Movement(
+            account_id=account_id,
+            credits=-credits,
+            type=TransactionType.USAGE,
+            process_type=process_type,
+            description=description,
+            user_id=user_id,
+            reference=reference,
+            quantity=quantity,
+            entry_id=entry_id,
+        )
+    )
+    entry = posted.entry
+    if free:
+        await idempotency.update_result(
+            account_id, idempotency_key, {"entry_id": str(entry_id), "free_units": free}
+        )
+    return ConsumeResult(entry, entry.balance_after, free, posted.recharge_seq)
+
+
+async def _replay_consume(account_id: str, result: dict[str, object]) -> ConsumeResult:
+    free = int(str(result.get("free_units", 0)))
+    entry_id = result.get("entry_id")
+    if entry_id is None:
+        return ConsumeResult(None, int(str(result.get("balance", 0))), free)
+    entry = await LedgerEntry.get(id=entry_id, account_id=account_id)
+    return ConsumeResult(entry, entry.balance_after, free)
+
+
+@dataclass(frozen=True, slots=True)
+class EntryResult:
+    entry: LedgerEntry
+    balance: int
+    recharge_seq: int | None = None
+
+
+async def _replay_entry(account_id: str, result: dict[str, object]) -> EntryResult:
+    entry = await LedgerEntry.get(id=result["entry_id"], account_id=account_id)
+    return EntryResult(entry, entry.balance_after)
+
+
+async def reverse_usage(
+    *,
+    entry_id: uuid.UUID | None,
+    reason: str,
+    idempotency_key: str,
+    user_id: str,
+    scope_account_id: str | None,
+) -> EntryResult:
+    """Return a usage entry's credits. ``scope_account_id`` limits whose entries are visible."""
+    v = Validator()
+    if not reason.strip() or len(reason) > MAX_REASON:
+        v.add(f"reason must be 1 to {MAX_REASON} characters", "reason")
+    v.check()
+    idempotency.check_key(idempotency_key)
+    original = None
+    if entry_id is not None:
+        query = LedgerEntry.filter(id=entry_id)
+        if scope_account_id is not None:
+            query = query.filter(account_id=scope_account_id)
+        original = await query.first()
+    if original is None:
+        raise fail(ErrorCode.NOT_FOUND, "No such transaction.", "transactionId")
+    account_id = original.account_id
+    new_id = uuid.uuid4()
+    replay = await idempotency.claim(
+        account_id,
+        idempotency_key,
+        "reverseUsage",
+        {"transactionId": str(original.id), "reason": reason},
+        {"entry_id": str(new_id)},
+    )
+    if replay is not None:
+        return await _replay_entry(account_id, replay.result)
+    if original.type is not TransactionType.USAGE:
+        raise fail(ErrorCode.VALIDATION, "Only usage can be reversed.", "transactionId")
+    await posting.lock_account(account_id)
+    if await LedgerEntry.exists(reverses_entry_id=original.id):
+        raise fail(ErrorCode.VALIDATION, "This usage was already reversed.", "transactionId")
+    entry = await posting.post(
+        Movement(
+            account_id=account_id,
+            credits=-original.credits,
+            type=TransactionType.REVERSAL,
+            process_type=original.process_type,
+            description=f"Reversal of {original.description}: {reason.strip()}",
+            user_id=user_id,
+            reference=original.reference,
+            quantity=original.quantity,
+            reverses_entry_id=original.id,
+            entry_id=new_id,
+        )
+    )
+    return EntryResult(entry, entry.balance_after)
+
+
+async def grant_or_adjust(
+    *,
+    account_id: str,
+    credits: int,
+    reason: str,
+    idempotency_key: str,
+    user_id: str,
+    adjust: bool,
+) -> EntryResult:
+    """Billing staff: ``grant`` adds credits; ``adjust`` adds or removes (never below zero)."""
+    v = Validator()
+    validate_account_id(v, account_id, "accountId")
+    low = -MAX_STAFF_CREDITS if adjust else 1
+    if not low <= credits <= MAX_STAFF_CREDITS or credits == 0:
+        what = "a non-zero amount" if adjust else "positive"
+        v.add(
+            f"credits must be {what} of at most {MAX_STAFF_CREDITS:,}",
+            "credits",
+            code=ErrorCode.INVALID_AMOUNT,
+        )
+    if not reason.strip() or len(reason) > MAX_REASON:
+        v.add(f"reason must be 1 to {MAX_REASON} characters", "reason")
+    v.check()
+    idempotency.check_key(idempotency_key)
+    await ensure_account(account_id)
+    operation = "adjustCredits" if adjust else "grantCredits"
+    new_id = uuid.uuid4()
+    replay = await idempotency.claim(
+        account_id,
+        idempotency_key,
+        operation,
+        {"credits": credits, "reason": reason},
+        {"entry_id": str(new_id)},
+    )
+    if replay is not None:
+        return await _replay_entry(account_id, replay.result)
+    kind = TransactionType.ADJUSTMENT if adjust else TransactionType.GRANT
+    label = "Adjustment" if adjust else "Credits granted"
+    posted = await posting.post_returning(
+        Movement(
+            account_id=account_id,
+            credits=credits,
+            type=kind,
+            process_type=ProcessType.ADMINISTRATIVE,
+            description=f"{label}: {reason.strip()}",
+            user_id=user_id,
+            entry_id=new_id,
+        )
+    )
+    entry = posted.entry
+    return EntryResult(entry, entry.balance_after, posted.recharge_seq)
+
+
+async def record_metered(
+    book: PriceBook,
+    *,
+    account_id: str,
+    user_id: str,
+    process_type: ProcessType,
+    quantity: int,
+    reference: str | None,
+    idempotency_key: str,
+) -> MeteredUsage:
+    """Record metered usage (invoiced monthly to the card on file)."""
+    v = Validator()
+    _check_usage_input(v, quantity, reference, account_id, user_id)
+    v.check()
+    price = book.process(process_type)
+    if price is None or price.billing is not BillingMode.METERED or price.cents_per_unit is None:
+        raise fail(
+            ErrorCode.VALIDATION,
+            f"{process_type.value} is not metered (use consumeCredits)",
+            "processType",
+        )
+    idempotency.check_key(idempotency_key)
+    await ensure_account(account_id)
+    usage_id = uuid.uuid4()
+    replay = await idempotency.claim(
+        account_id,
+        idempotency_key,
+        "recordMeteredUsage",
+        {
+            "userId": user_id,
+            "processType": process_type.value,
+            "quantity": quantity,
+            "reference": reference,
+        },
+        {"usage_id": str(usage_id)},
+    )
+    if replay is not None:
+        return await MeteredUsage.get(id=replay.result["usage_id"], account_id=account_id)
+    if not await Card.exists(account_id=account_id, removed_at=None):
+        raise fail(
+            ErrorCode.NO_CARD_ON_FILE,
+            "Metered services are invoiced monthly to a card: add a card first.",
+        )
+    amount_cents = quantity * price.cents_per_unit
+    account = await Account.get(id=account_id)
+    start, end = month_bounds(sql.now(), account.timezone)
+    rows = await sql.fetch(
+        "SELECT COALESCE(SUM(amount_cents), 0) AS total FROM metered_usage "
+        "WHERE account_id = ? AND created_at >= ? AND created_at < ?",
+        account_id,
+        start,
+        end,
+    )
+    # The month's invoice (its usage, plus at most one carried amount under the minimum
+    # charge) must fit the API's Int (invariant 10).
+    headroom = posting.MAX_BALANCE - minimum_charge_cents(book.currency)
+    if int(rows[0]["total"]) + amount_cents > headroom:
+        raise fail(
+            ErrorCode.BALANCE_LIMIT,
+            "This month's metered usage would pass the largest invoice the service holds.",
+            "quantity",
+        )
+    return await MeteredUsage.create(
+        id=usage_id,
+        account_id=account_id,
+        user_id=user_id,
+        process_type=process_type,
+        quantity=quantity,
+        unit_cents=price.cents_per_unit,
+        amount_cents=amount_cents,
+        reference=reference,
+        created_at=sql.now(),
+    )
