@@ -20,7 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--no-migrate", action="store_true", help="skip applying migrations")
     parser.add_argument("--migrate-only", action="store_true", help="apply migrations and exit")
-    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="uvicorn worker processes (default: WEB_CONCURRENCY, else 1)",
+    )
     args = parser.parse_args(argv)
     settings = get_settings()
     logs.configure(settings.log_level, settings.log_format)
@@ -33,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.migrate_only:
         return 0
     print(banner(settings), flush=True)
-    uvicorn.run("api.asgi:app", **uvicorn_options(settings, workers=args.workers))
+    workers = args.workers if args.workers is not None else settings.web_concurrency
+    uvicorn.run("api.asgi:app", **uvicorn_options(settings, workers=workers))
     return 0
 
 
