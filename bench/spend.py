@@ -214,8 +214,8 @@ def summarise(raw: str, skip_pid: int | None = None) -> dict[str, Any]:
             continue
         frames = frames[len(processes) :] if frames[: len(processes)] == processes else frames
         frames = [f for f in frames if not f.startswith("process ")]
-        if not frames:
-            continue
+        if not frames or any("always_pong (" in f for f in frames):
+            continue  # uvicorn's thread that waits on the supervisor's pipe: not work
         total += n
         functions[frames[-1]] += n
         place = next((p for f in reversed(frames) if (p := _place(f))), "other (stdlib)")
