@@ -53,6 +53,19 @@ def need(tool: str, package: str) -> str:
     return path
 
 
+async def connect(url: str | None = None) -> asyncpg.Connection:
+    """A connection of the benchmark's own; PostgreSQL's slots are shared with whatever else
+    runs on the machine, so a full server is waited out (up to a minute), not a failure."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return await asyncpg.connect(url or dsn())
+        except asyncpg.TooManyConnectionsError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+
+
 async def fresh_database(name: str = BENCH_DB) -> None:
     """Drop and recreate the benchmark database and apply the migrations."""
     from billing.db import migrate
@@ -68,7 +81,7 @@ async def fresh_database(name: str = BENCH_DB) -> None:
 
 async def seed_accounts(accounts: list[str], credits: int) -> None:
     """Accounts with a balance and the GRANT entry that explains it (ledger sum holds)."""
-    conn = await asyncpg.connect(dsn())
+    conn = await connect()
     try:
         await conn.executemany(
             "INSERT INTO credit_account (id, balance, timezone, recharge_seq, created_at) "
@@ -87,7 +100,7 @@ async def seed_accounts(accounts: list[str], credits: int) -> None:
 
 async def ledger_check(accounts: list[str]) -> tuple[bool, int]:
     """(every balance == sum of its entries and >= 0, number of entries)."""
-    conn = await asyncpg.connect(dsn())
+    conn = await connect()
     try:
         bad = await conn.fetchval(
             "SELECT count(*) FROM credit_account a WHERE a.id = ANY($1::text[]) AND "

@@ -105,9 +105,7 @@ def raw_rate(accounts: list[str], script: str = RAW_DEBIT) -> float:
 
 
 async def usage_count(accounts: list[str]) -> int:
-    import asyncpg
-
-    conn = await asyncpg.connect(common.dsn())
+    conn = await common.connect()
     try:
         return int(
             await conn.fetchval(
@@ -274,6 +272,8 @@ def profile(server: common.Server, accounts: list[str], seconds: int) -> dict[st
 SHAPE = int(os.environ.get("BENCH_WEB_CONCURRENCY", "2"))
 PROFILE_SECONDS = int(os.environ.get("BENCH_PROFILE_SECONDS", "8"))
 PACED_CONNECTIONS = 16
+# Connections per API process: wrk's 32 spread over two processes is 16 in flight each.
+POOL = 16
 
 RAW_INSERT = """\\set n random(0, {last})
 INSERT INTO ledger_entry (id, account_id, created_at, type, process_type, credits,
@@ -302,7 +302,7 @@ def main() -> dict[str, Any]:
     }
     with (
         common.arq_worker(),
-        common.serve(workers=None, pool=20, WEB_CONCURRENCY=str(SHAPE), **env) as server,
+        common.serve(workers=None, pool=POOL, WEB_CONCURRENCY=str(SHAPE), **env) as server,
     ):
         processes = server.api_processes()
         hot = app_rate(server, [HOT])
@@ -311,7 +311,7 @@ def main() -> dict[str, Any]:
         half = many["wrk"]["rps"] / 2
         paced = paced_run(server, MANY, half)
         profiled = profile(server, MANY, PROFILE_SECONDS)
-    with common.serve(workers=1, pool=20, **env) as server:
+    with common.serve(workers=1, pool=POOL, **env) as server:
         single = app_rate(server, MANY)
     # The ledger's write rate alone: inserts without the balance update (the raw accounts).
     raw_insert = raw_rate(RAW_MANY, RAW_INSERT)
