@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(banner(settings), flush=True)
     workers = args.workers if args.workers is not None else settings.web_concurrency
+    if workers > 1 and (settings.job_queue != "arq" or not is_postgres(settings)):
+        logging.getLogger("api").warning(
+            "%d API processes on %s with JOB_QUEUE=%s: each process has its own in-process "
+            "queue and live-balance feed, and SQLite takes one writer at a time; scale out "
+            "on PostgreSQL with JOB_QUEUE=arq",
+            workers,
+            "PostgreSQL" if is_postgres(settings) else "SQLite",
+            settings.job_queue,
+        )
     uvicorn.run("api.asgi:app", **uvicorn_options(settings, workers=workers))
     return 0
+
+
+def is_postgres(settings: Settings) -> bool:
+    return settings.database_url.startswith(("postgres://", "postgresql://", "asyncpg://"))
 
 
 DEV_ADMIN = {"account_id": "acme", "user_id": "admin-1", "email": "admin@example.com"}

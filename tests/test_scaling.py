@@ -164,6 +164,9 @@ def test_web_concurrency_starts_that_many_worker_processes(db_url: str, tmp_path
     finally:
         api.stop()
     assert api.proc.returncode in (0, -signal.SIGTERM), api.output()
+    # With the in-process queue (and on SQLite), what does not scale out is named.
+    backend = "SQLite" if db_url.startswith("sqlite://") else "PostgreSQL"
+    assert f"2 API processes on {backend} with JOB_QUEUE=inprocess" in api.output()
 
 
 def test_the_workers_flag_wins_over_web_concurrency(db_url: str, tmp_path: Path) -> None:
