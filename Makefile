@@ -29,6 +29,7 @@ $(STAMP): $(RUN_STAMP)
 install: $(STAMP)
 
 ## Serve on the embedded default (SQLite file, sandbox gateway) on 127.0.0.1:$${PORT:-8000}.
+## WEB_CONCURRENCY=2 make run: two uvicorn processes (on PostgreSQL: DATABASE_URL=postgres://...).
 run: $(RUN_STAMP)
 	$(PY) -m api
 
@@ -68,7 +69,8 @@ reconcile: $(RUN_STAMP)
 	$(PY) -m billing.reconcile $(RECONCILE_ARGS)
 
 ## Benchmarks (numbers, not tests): make bench, or one of them: make bench BENCH=spend
-## (spend, latency, recharge, schedule, csv). Needs wrk and pgbench: make bench-tools.
+## (spend, latency, recharge, schedule, csv, page). Needs wrk and pgbench (make bench-tools),
+## PostgreSQL and Redis on loopback; spend runs the production shape (2 processes, arq).
 bench: $(STAMP)
 	$(PY) -m bench $(BENCH)
 

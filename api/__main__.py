@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--no-migrate", action="store_true", help="skip applying migrations")
     parser.add_argument("--migrate-only", action="store_true", help="apply migrations and exit")
-    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="uvicorn worker processes (default: WEB_CONCURRENCY, else 1)",
+    )
     args = parser.parse_args(argv)
     settings = get_settings()
     logs.configure(settings.log_level, settings.log_format)
@@ -33,8 +39,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.migrate_only:
         return 0
     print(banner(settings), flush=True)
-    uvicorn.run("api.asgi:app", **uvicorn_options(settings, workers=args.workers))
+    workers = args.workers if args.workers is not None else settings.web_concurrency
+    if workers > 1 and (settings.job_queue != "arq" or not is_postgres(settings)):
+        logging.getLogger("api").warning(
+            "%d API processes on %s with JOB_QUEUE=%s: each process has its own in-process "
+            "queue and live-balance feed, and SQLite takes one writer at a time; scale out "
+            "on PostgreSQL with JOB_QUEUE=arq",
+            workers,
+            "PostgreSQL" if is_postgres(settings) else "SQLite",
+            settings.job_queue,
+        )
+    uvicorn.run("api.asgi:app", **uvicorn_options(settings, workers=workers))
     return 0
+
+
+def is_postgres(settings: Settings) -> bool:
+    return settings.database_url.startswith(("postgres://", "postgresql://", "asyncpg://"))
 
 
 DEV_ADMIN = {"account_id": "acme", "user_id": "admin-1", "email": "admin@example.com"}

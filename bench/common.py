@@ -31,6 +31,8 @@ BENCH_DB = os.environ.get("BENCH_DB", "credits_bench")
 SECRET = "bench-secret-that-is-long-enough-0123456789"
 DURATION = int(os.environ.get("BENCH_SECONDS", "10"))
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "32"))
+# The benchmarks' own Redis database (the tests use 0 and 1); flushed before each use.
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 
 
 def db_url(name: str = BENCH_DB, pool: int = 20) -> str:
@@ -51,6 +53,19 @@ def need(tool: str, package: str) -> str:
     return path
 
 
+async def connect(url: str | None = None) -> asyncpg.Connection:
+    """A connection of the benchmark's own; PostgreSQL's slots are shared with whatever else
+    runs on the machine, so a full server is waited out (up to a minute), not a failure."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return await asyncpg.connect(url or dsn())
+        except asyncpg.TooManyConnectionsError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+
+
 async def fresh_database(name: str = BENCH_DB) -> None:
     """Drop and recreate the benchmark database and apply the migrations."""
     from runtime.db import migrate
@@ -66,7 +81,7 @@ async def fresh_database(name: str = BENCH_DB) -> None:
 
 async def seed_accounts(accounts: list[str], credits: int) -> None:
     """Accounts with a balance and the GRANT entry that explains it (ledger sum holds)."""
-    conn = await asyncpg.connect(dsn())
+    conn = await connect()
     try:
         await conn.executemany(
             "INSERT INTO credit_account (id, balance, timezone, recharge_seq, created_at) "
@@ -85,7 +100,7 @@ async def seed_accounts(accounts: list[str], credits: int) -> None:
 
 async def ledger_check(accounts: list[str]) -> tuple[bool, int]:
     """(every balance == sum of its entries and >= 0, number of entries)."""
-    conn = await asyncpg.connect(dsn())
+    conn = await connect()
     try:
         bad = await conn.fetchval(
             "SELECT count(*) FROM credit_account a WHERE a.id = ANY($1::text[]) AND "
@@ -117,15 +132,104 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+async def flush_redis(url: str = REDIS_URL) -> None:
+    """Job ids repeat from run to run (same accounts): start from an empty Redis db."""
+    from redis.asyncio import Redis
+
+    redis = Redis.from_url(url)
+    try:
+        await redis.flushdb()
+    finally:
+        await redis.aclose()
+
+
 @dataclass
 class Server:
     url: str
     proc: subprocess.Popen[bytes]
 
+    def pids(self) -> list[int]:
+        """The server's process and its descendants (uvicorn's worker processes)."""
+        return process_tree(self.proc.pid)
+
+    def api_processes(self) -> int:
+        """Processes serving requests: uvicorn's workers, or the server itself."""
+        spawned = sum(
+            1 for pid in self.pids()[1:] if b"spawn_main" in _read(f"/proc/{pid}/cmdline")
+        )
+        return spawned or 1
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds used so far by the server's processes."""
+        return sum(cpu_seconds(pid) for pid in self.pids())
+
+
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError:
+        return b""
+
+
+def process_tree(root: int) -> list[int]:
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    tree = [root]
+    for pid in tree:
+        tree.extend(child for child, parent in parents.items() if parent == pid)
+    return tree
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a live process from /proc/<pid>/stat (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # fields[0] is the state (field 3): utime and stime are fields 14 and 15
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
 
 @contextmanager
-def serve(workers: int = 1, pool: int = 20, **env: str) -> Iterator[Server]:
-    """The app under uvicorn on loopback (no migrations: the database is ready)."""
+def arq_worker(**env: str) -> Iterator[subprocess.Popen[bytes]]:
+    """``python -m workers`` on the benchmark database and the given Redis."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workers"],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "DATABASE_URL": db_url(pool=4),
+            "CREDITS_JWT_SECRET": SECRET,
+            "LOG_LEVEL": "WARNING",
+            "JOB_QUEUE": "arq",
+            "REDIS_URL": REDIS_URL,
+            "PAYMENT_GATEWAY": "sandbox",
+            **env,
+        },
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def serve(workers: int | None = 1, pool: int = 20, **env: str) -> Iterator[Server]:
+    """The app under uvicorn on loopback (no migrations: the database is ready).
+    ``workers=None``: as many processes as WEB_CONCURRENCY says (pass it in ``env``)."""
     port = free_port()
     environ = {
         **os.environ,
@@ -138,7 +242,8 @@ def serve(workers: int = 1, pool: int = 20, **env: str) -> Iterator[Server]:
         **env,
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "api", "--no-migrate", "--workers", str(workers)],
+        [sys.executable, "-m", "api", "--no-migrate"]
+        + ([] if workers is None else ["--workers", str(workers)]),
         cwd=ROOT,
         env=environ,
         stdout=subprocess.DEVNULL,
@@ -201,7 +306,12 @@ def wrk(
     out = done.stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    result = {"rps": rps, "non_2xx": float(errors.group(1)) if errors else 0.0}
+    total = re.search(r"(\d+) requests in", out)
+    result = {
+        "rps": rps,
+        "requests": float(total.group(1)) if total else 0.0,
+        "non_2xx": float(errors.group(1)) if errors else 0.0,
+    }
     for pct in ("50", "99"):
         m = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)", out)
         if m:

@@ -19,7 +19,7 @@ import httpx
 from bench import common
 
 ACCOUNTS = int(os.environ.get("BENCH_RECHARGE_ACCOUNTS", "100"))
-REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
+REDIS_URL = common.REDIS_URL
 
 CONSUME = """mutation($i: ConsumeCreditsInput!) { consumeCredits(input: $i) {
   balance errors { code } } }"""
@@ -115,20 +115,9 @@ async def spend_all(url: str, accounts: list[str]) -> None:
             await asyncio.sleep(0.02)
 
 
-async def flush_redis() -> None:
-    """Job ids repeat from run to run (same accounts): start from an empty Redis db."""
-    from redis.asyncio import Redis
-
-    redis = Redis.from_url(REDIS_URL)
-    try:
-        await redis.flushdb()
-    finally:
-        await redis.aclose()
-
-
 def main() -> dict[str, Any]:
     common.run(common.fresh_database())
-    common.run(flush_redis())
+    common.run(common.flush_redis(REDIS_URL))
     accounts = [f"bench-recharge-{i:03d}" for i in range(ACCOUNTS)]
     common.run(seed(accounts))
     env = {"JOB_QUEUE": "arq", "REDIS_URL": REDIS_URL, "PAYMENT_GATEWAY": "sandbox"}

@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     periodic_seconds: float = 60.0  # in-process cron (embedded default); 0 turns it off
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
+    # API worker processes of `python -m api` (uvicorn's variable; --workers wins over it).
+    web_concurrency: int = Field(default=1, ge=1, le=64)
     price_book_path: Path = Path(billing.__file__).with_name("pricebook.toml")
     graphiql_enabled: bool | None = None
     graphql_introspection: bool | None = None  # None: on in development, off in production
