@@ -466,13 +466,14 @@ class Mutation:
     async def remove_card(self, info: CtxInfo, input: CardIdInput) -> RemoveCardPayload:
         ctx = info.context
         scope = ctx.permitted(_op(info))
-        result = await attempt(
+        result = await changing(  # its notice (the recharge card changed) goes out now
+            info,
             lambda: cards.remove_card(
                 ctx.gateway,
                 card_id=_card_id(input.card_id),
                 scope_account_id=_scope(info, scope),
                 is_staff=scope is Reach.ANY,
-            )
+            ),
         )
         if isinstance(result, list):
             return RemoveCardPayload(errors=result)

@@ -19,9 +19,7 @@ from billing import changes, sql
 from billing.enums import ErrorCode
 from billing.errors import BillingError, fail
 from billing.ledger import entries
-from billing.ledger.entries import MAX_DESCRIPTION as MAX_DESCRIPTION
 from billing.ledger.entries import Movement as Movement
-from billing.ledger.entries import crossed as crossed
 from billing.ledger.entries import crossing_set as crossing_set
 from billing.models import LedgerEntry
 from billing.notifications import lowbalance
