@@ -55,6 +55,7 @@ from billing.enums import Role
 from billing.payments.gateways import PaymentGateway
 from billing.pricing import PriceBook, load_price_book
 from billing.settlement import webhooks
+from runtime import jobids
 from runtime.db import tortoise_config
 from runtime.factory import make_gateway
 from runtime.live import Broadcaster, InProcessBroadcaster, RedisBroadcaster
@@ -332,7 +333,7 @@ async def stripe_webhook(request: Request) -> Response:
     stored = await webhooks.record("stripe", event)
     if stored is not None:
         await services.queue.enqueue(
-            "process_gateway_event", stored, job_id=f"gateway-event-{stored}"
+            "process_gateway_event", stored, job_id=jobids.gateway_event(stored)
         )
     return JSONResponse({"received": True, "duplicate": stored is None})
 
@@ -353,7 +354,7 @@ async def run_periodic(queue: InProcessQueue, settings: Settings) -> None:
         for name, minutes in PERIODIC.items():
             if (tick - 1) % minutes == 0:
                 try:
-                    await queue.enqueue(name, job_id=f"cron:{name}:{tick}")
+                    await queue.enqueue(name, job_id=jobids.cron_tick(name, tick))
                 except Exception:  # the ticker outlives any one tick (the jobs log their own)
                     log.exception("could not start the periodic job %s", name)
 

@@ -1,9 +1,9 @@
 """Live balance updates: after a change commits, its ledger entries are published on the
 account's channel; the API's ``creditBalanceChanged`` subscription listens to it.
 
-Both the API (after a resolver's commit) and the jobs (after a job's commit) publish, so
-this lives beside the queue, where both can import it; ``billing`` only reports what
-changed (``billing.changes``). Two broadcasters share one interface:
+Both the API (after a resolver's commit) and the jobs (after a job's commit) publish,
+through ``runtime.effects.after_commit``; ``billing`` only reports what changed
+(``billing.changes``). Two broadcasters share one interface:
 
 - ``InProcessBroadcaster``: the embedded default (``JOB_QUEUE=inprocess``), where the API
   and its jobs share one process.
@@ -33,17 +33,13 @@ from urllib.parse import urlsplit
 
 from redis.exceptions import RedisError
 
-from billing.changes import Changes
 from billing.enums import ProcessType, TransactionType
 from billing.models import LedgerEntry
 from runtime.resilience import Outage
-from workers.mail import notification_job_id
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.client import PubSub
-
-    from runtime.queue import JobQueue
 
 log = logging.getLogger(__name__)
 
@@ -94,22 +90,6 @@ class Broadcaster(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-async def publish_changes(
-    changed: Changes, *, live: Broadcaster | None, queue: JobQueue | None
-) -> None:
-    """Once the work that ``changed`` collected has committed: tell live listeners of the
-    balance changes, and queue the delivery of the notices it wrote."""
-    if live is not None and changed.entries:
-        await live.publish(changed.entries)
-    if queue is not None:
-        for notification_id in changed.notifications:
-            await queue.enqueue(
-                "send_notification",
-                notification_id,
-                job_id=notification_job_id(notification_id),
-            )
 
 
 # ---------------------------------------------------------------- in one process

@@ -34,6 +34,8 @@ from arq import Worker
 from arq.constants import in_progress_key_prefix
 from redis.exceptions import RedisError
 
+from runtime import jobids
+
 log = logging.getLogger(__name__)
 
 #: What a lost Redis raises (a refused or reset connection, a timeout, a server error).
@@ -141,7 +143,7 @@ class ResilientWorker(Worker):
                 # What could not be queued meanwhile (the API's recharge jobs): the sweep
                 # finds it now rather than at its next minute.
                 await self.pool.enqueue_job(
-                    SWEEP, _job_id=f"{SWEEP}:after-outage:{uuid.uuid4().hex[:12]}"
+                    SWEEP, _job_id=jobids.after_outage(SWEEP, uuid.uuid4().hex[:12])
                 )
         except REDIS_DOWN as exc:
             await asyncio.sleep(self.redis_outage.failed(exc))

@@ -21,6 +21,7 @@ from tortoise.transactions import in_transaction
 from billing import invoices
 from billing.enums import InvoiceStatus
 from billing.models import Invoice
+from runtime import jobids
 from runtime.queue import JobFunction, JobQueue
 from workers.context import JobContext
 
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 
 def charge_job_id(invoice: Invoice) -> str:
     """One job per charge attempt: a job delivered twice runs once."""
-    return f"charge-invoice:{invoice.id}:{invoices.next_attempt(invoice)}"
+    return jobids.invoice_charge(invoice.id, invoices.next_attempt(invoice))
 
 
 async def _enqueue_charge(queue: JobQueue | None, invoice: Invoice) -> bool:

@@ -5,7 +5,6 @@ move a balance collects its changes and publishes them (live balance) after the 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -15,7 +14,7 @@ from billing import changes
 from billing.enums import AutoRechargeTrigger
 from billing.recharge import runs
 from billing.settlement import webhooks
-from runtime.live import publish_changes
+from runtime import effects, jobids
 from runtime.queue import JobFunction
 from workers.context import JobContext
 from workers.invoicing import INVOICE_FUNCTIONS
@@ -25,16 +24,10 @@ from workers.metrics import count_recharge, instrument
 log = logging.getLogger(__name__)
 
 
-async def send_notifications_later(ctx: JobContext, notification_ids: Iterable[int]) -> None:
-    for notification_id in notification_ids:
-        await ctx["queue"].enqueue(
-            "send_notification", notification_id, job_id=f"notification:{notification_id}:0"
-        )
-
-
 async def after_commit(ctx: JobContext, changed: changes.Changes) -> None:
-    """Publish the balance changes the job committed and send the notices it wrote."""
-    await publish_changes(changed, live=ctx.get("live"), queue=ctx.get("queue"))
+    """Publish the balance changes the job committed, send the notices it wrote and queue
+    the recharges of the crossings it opened."""
+    await effects.after_commit(changed, queue=ctx.get("queue"), live=ctx.get("live"))
 
 
 async def process_gateway_event(ctx: JobContext, event_id: int) -> bool:
@@ -59,7 +52,6 @@ async def threshold_recharge(ctx: JobContext, account_id: str) -> str:
         )
     await after_commit(ctx, changed)
     count_recharge(AutoRechargeTrigger.THRESHOLD.value, result.outcome.value)
-    await send_notifications_later(ctx, result.notification_ids)
     return result.outcome.value
 
 
@@ -75,7 +67,6 @@ async def scheduled_recharge(ctx: JobContext, account_id: str, due_at: str) -> s
         )
     await after_commit(ctx, changed)
     count_recharge(AutoRechargeTrigger.SCHEDULE.value, result.outcome.value)
-    await send_notifications_later(ctx, result.notification_ids)
     return result.outcome.value
 
 
@@ -87,7 +78,7 @@ async def enqueue_due_schedules(ctx: JobContext) -> int:
             "scheduled_recharge",
             account_id,
             at.isoformat(),
-            job_id=f"schedule:{account_id}:{at.isoformat()}",
+            job_id=jobids.scheduled_recharge(account_id, at),
         )
     return len(due)
 
@@ -101,7 +92,7 @@ async def sweep(ctx: JobContext) -> dict[str, int]:
     below = await runs.below_threshold()
     for account_id, seq in below:
         await ctx["queue"].enqueue(
-            "threshold_recharge", account_id, job_id=f"recharge:{account_id}:{seq}"
+            "threshold_recharge", account_id, job_id=jobids.threshold_recharge(account_id, seq)
         )
     stuck = await runs.stuck_payments() + await runs.payments_to_recheck()
     healed = 0
@@ -117,7 +108,7 @@ async def sweep(ctx: JobContext) -> dict[str, int]:
     for event_id, attempts in events:
         # A new job id per attempt: a kept (pending) event is tried again, not deduped.
         await ctx["queue"].enqueue(
-            "process_gateway_event", event_id, job_id=f"gateway-event-{event_id}-{attempts}"
+            "process_gateway_event", event_id, job_id=jobids.gateway_event(event_id, attempts)
         )
     return {"below_threshold": len(below), "stuck_payments": healed, "events": len(events)}
 

@@ -1,25 +1,21 @@
 """Job functions that deliver the notification outbox (``billing.notifications.outbox``).
 
 ``send_notification`` is enqueued after the transaction that queued a notification
-commits, with ``job_id=notification_job_id(id)``; ``deliver_pending_notifications`` is the
-cron sweep that (re-)enqueues whatever is due: never sent because an enqueue was lost,
-a retry after an SMTP failure, or a claim whose worker died.
+commits (``runtime.effects.after_commit``; job ids from ``runtime.jobids``);
+``deliver_pending_notifications`` is the cron sweep that (re-)enqueues whatever is due:
+never sent because an enqueue was lost, a retry after an SMTP failure, or a claim whose
+worker died.
 """
 
 from __future__ import annotations
 
 from billing.notifications import outbox
+from runtime.jobids import notification_job_id as notification_job_id
 from runtime.mailer import Mailer, make_mailer
 from runtime.queue import JobFunction
 from workers.context import JobContext
 
 SWEEP_BATCH = 500
-
-
-def notification_job_id(notification_id: int, attempts: int = 0) -> str:
-    """One job id per try: a retry (``attempts`` moved on) is not taken for a finished job
-    whose result arq still keeps, while the same try enqueued twice runs once."""
-    return f"notification:{notification_id}:{attempts}"
 
 
 def _mailer(ctx: JobContext) -> Mailer:

@@ -62,7 +62,8 @@ from billing.notifications import lowbalance
 from billing.payments import cards, purchases
 from billing.recharge import autorecharge
 from billing.spending import batch, usage
-from runtime.live import BalanceEvent, Broadcaster, Listener, LiveUnavailable, publish_changes
+from runtime import effects
+from runtime.live import BalanceEvent, Broadcaster, Listener, LiveUnavailable
 from runtime.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,8 @@ async def in_tx(work: Callable[[], Awaitable[T]]) -> T:
 
 async def changing(info: CtxInfo, work: Callable[[], Awaitable[T]]) -> T | list[UserError]:
     """``attempt`` for work that may move balances: once it has committed, publish the
-    balance changes (live subscriptions) and queue the notices it wrote."""
+    balance changes (live subscriptions), queue the notices it wrote and the recharges of
+    the threshold crossings it opened (``runtime.effects``)."""
     with changes.collect() as changed:
         result = await attempt(work)
     if not isinstance(result, list):  # a refusal wrote nothing
@@ -93,7 +95,7 @@ async def changing(info: CtxInfo, work: Callable[[], Awaitable[T]]) -> T | list[
 
 
 async def _published(info: CtxInfo, changed: changes.Changes) -> None:
-    await publish_changes(changed, live=info.context.live, queue=info.context.queue)
+    await effects.after_commit(changed, queue=info.context.queue, live=info.context.live)
 
 
 # ---------------------------------------------------------------- inputs and payloads
@@ -464,13 +466,14 @@ class Mutation:
     async def remove_card(self, info: CtxInfo, input: CardIdInput) -> RemoveCardPayload:
         ctx = info.context
         scope = ctx.permitted(_op(info))
-        result = await attempt(
+        result = await changing(  # its notice (the recharge card changed) goes out now
+            info,
             lambda: cards.remove_card(
                 ctx.gateway,
                 card_id=_card_id(input.card_id),
                 scope_account_id=_scope(info, scope),
                 is_staff=scope is Reach.ANY,
-            )
+            ),
         )
         if isinstance(result, list):
             return RemoveCardPayload(errors=result)
@@ -542,13 +545,13 @@ class Mutation:
         data = _merged_auto_recharge(
             await autorecharge.get_setting(account_id), input, given_fields(info, "input")
         )
-        result = await attempt(
-            lambda: in_tx(lambda: autorecharge.update_auto_recharge(ctx.book, account_id, data))
+        result = await changing(
+            info,
+            lambda: in_tx(lambda: autorecharge.update_auto_recharge(ctx.book, account_id, data)),
         )
         if isinstance(result, list):
             return AutoRechargePayload(errors=result)
-        await _after_debit(info, account_id, result.recharge_seq)
-        return AutoRechargePayload(auto_recharge=AutoRecharge(model=result.setting))
+        return AutoRechargePayload(auto_recharge=AutoRecharge(model=result))
 
     @strawberry.mutation
     async def consume_credits(
@@ -573,7 +576,6 @@ class Mutation:
         )
         if isinstance(result, list):
             return ConsumeCreditsPayload(errors=result)
-        await _after_debit(info, str(input.account_id), result.recharge_seq)
         return ConsumeCreditsPayload(
             transaction=transaction_or_none(result.entry),
             balance=result.balance,
@@ -611,8 +613,6 @@ class Mutation:
         with changes.collect() as changed:
             result = await in_tx(lambda: batch.consume_batch(ctx.book, items))
         await _published(info, changed)
-        for account_id, seq in result.recharges.items():
-            await _after_debit(info, account_id, seq)
         return [
             ConsumeCreditsPayload(errors=[UserError.of(e) for e in o.errors])
             if isinstance(o, BillingError)
@@ -621,7 +621,7 @@ class Mutation:
                 balance=o.balance,
                 free_units_applied=o.free_units_applied,
             )
-            for o in result.outcomes
+            for o in result
         ]
 
     @strawberry.mutation
@@ -785,15 +785,6 @@ async def _next_event(info: CtxInfo, events: Listener) -> BalanceEvent:
         ) from None
 
 
-async def _after_debit(info: CtxInfo, account_id: str, recharge_seq: int | None) -> None:
-    """After commit: a balance left below its threshold gets its recharge job. One job id
-    per crossing, so concurrent spends across one threshold queue one job."""
-    if recharge_seq is not None:
-        await info.context.queue.enqueue(
-            "threshold_recharge", account_id, job_id=f"recharge:{account_id}:{recharge_seq}"
-        )
-
-
 def _purchase_payload(
     result: purchases.PaymentOutcome | list[UserError],
 ) -> PurchaseCreditsPayload:
@@ -830,7 +821,6 @@ async def _staff_credits(
     )
     if isinstance(result, list):
         return CreditTransactionPayload(errors=result)
-    await _after_debit(info, str(input.account_id), result.recharge_seq)
     return CreditTransactionPayload(
         transaction=CreditTransaction(model=result.entry), balance=result.balance
     )

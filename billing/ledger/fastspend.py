@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass
-from datetime import datetime
 
-from billing import clock, idempotency, sql
-from billing.enums import ProcessType, TransactionType
-from billing.ledger.posting import MAX_DESCRIPTION, crossed, crossing_set
+from billing import changes, clock, idempotency, sql
+from billing.ledger import entries
+from billing.ledger.entries import Movement, crossing_set
 from billing.models import LedgerEntry
 
 _SPEND = """
@@ -47,12 +45,6 @@ FROM (SELECT 1) AS one LEFT JOIN debit AS d ON true
 """.replace("{crossing}", crossing_set("balance - ?"))
 
 
-@dataclass(frozen=True, slots=True)
-class Spent:
-    entry: LedgerEntry
-    recharge_seq: int | None
-
-
 class Taken:
     """The key was already claimed: replay (or wait for) the first request."""
 
@@ -61,76 +53,66 @@ TAKEN = Taken()
 
 
 async def spend(
-    *,
-    account_id: str,
-    user_id: str,
-    process_type: ProcessType,
-    quantity: int,
-    reference: str | None,
-    idempotency_key: str,
-    params: dict[str, object],
-    credits: int,
-    description: str,
-) -> Spent | Taken | None:
-    """Spend in one statement; ``None`` means: use the transactional path instead."""
-    entry_id = uuid.uuid4()
-    fingerprint = idempotency.fingerprint("consumeCredits", params)
-    description = description[:MAX_DESCRIPTION]
+    movement: Movement, *, idempotency_key: str, params: dict[str, object]
+) -> LedgerEntry | Taken | None:
+    """Spend ``-movement.credits`` in one statement; ``None`` means: use the transactional
+    path instead. The entry and a threshold crossing are reported to ``changes``."""
+    entry_id = movement.entry_id or uuid.uuid4()
+    credits = -movement.credits
+    # The entry's values (its balance and time are the statement's, filled in after it).
+    entry = entries.build(movement, entry_id, balance_after=0, created_at=sql.now())
+    value = dict(zip(entries.COLUMNS, entries.row(entry, pg=True), strict=True))
     rows = await sql.fetch(
         _SPEND,
-        account_id,
+        movement.account_id,
         idempotency_key,
-        fingerprint,
+        idempotency.fingerprint("consumeCredits", params),
         json.dumps({"entry_id": str(entry_id), "free_units": 0}),
         credits,
         credits,
         credits,
-        account_id,
+        movement.account_id,
         credits,
         credits,
-        entry_id,
-        account_id,
+        value["id"],
+        value["account_id"],
         clock.offset(),
-        TransactionType.USAGE.value,
-        process_type.value,
-        -credits,
-        quantity,
-        user_id,
-        description,
-        reference,
+        value["type"],
+        value["process_type"],
+        value["credits"],
+        value["quantity"],
+        value["user_id"],
+        value["description"],
+        value["reference"],
     )
     row = rows[0]
     if not row["claimed"]:
         return TAKEN
     if row["balance"] is None:
-        # Withdraw this claim, and only this one (its entry id): a twin may already have
-        # withdrawn it and claimed the key anew. If this statement is lost, the claim
-        # heals itself (``idempotency.withdraw_unsettled``).
-        await sql.execute(
-            "DELETE FROM idempotency_record WHERE account_id = ? AND key = ? "
-            "AND result->>'entry_id' = ?",
-            account_id,
-            idempotency_key,
-            str(entry_id),
-        )
+        await _withdraw(movement.account_id, idempotency_key, entry_id)
         return None
-    balance = int(row["balance"])
-    created_at: datetime = row["created_at"]
-    threshold = row["recharge_threshold"]
-    entry = LedgerEntry(
-        id=entry_id,
-        account_id=account_id,
-        created_at=created_at,
-        type=TransactionType.USAGE,
-        process_type=process_type,
-        credits=-credits,
-        balance_after=balance,
-        quantity=quantity,
-        user_id=user_id,
-        description=description,
-        reference=reference,
-        payment_id=None,
-        reverses_entry_id=None,
+    entry.balance_after = int(row["balance"])
+    entry.created_at = row["created_at"]
+    changes.entry_posted(entry)
+    seq = entries.crossing_seq(
+        entry.balance_after + credits,
+        entry.balance_after,
+        row["recharge_threshold"],
+        row["recharge_seq"],
     )
-    crossing = crossed(balance + credits, balance, None if threshold is None else int(threshold))
-    return Spent(entry, int(row["recharge_seq"]) if crossing else None)
+    if seq is not None:
+        changes.threshold_crossed(movement.account_id, seq)
+    return entry
+
+
+async def _withdraw(account_id: str, key: str, entry_id: uuid.UUID) -> None:
+    """Withdraw this claim, and only this one (its entry id): a twin may already have
+    withdrawn it and claimed the key anew. If this statement is lost, the claim heals
+    itself (``idempotency.withdraw_unsettled``)."""
+    await sql.execute(
+        "DELETE FROM idempotency_record WHERE account_id = ? AND key = ? "
+        "AND result->>'entry_id' = ?",
+        account_id,
+        key,
+        str(entry_id),
+    )

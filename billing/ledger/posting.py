@@ -5,18 +5,22 @@ row lock on PostgreSQL; SQLite serialises writers) followed by the entry's ``INS
 in the caller's transaction. A debit is ``... WHERE balance + credits >= 0``: it can
 never overdraw, however many run at once. Its ``RETURNING`` also says whether the debit
 left the balance under the auto-recharge threshold or took it under the low-balance alert
-level, so a spend costs no extra query. Each entry is reported to the caller's
-``changes`` collector (live balance updates after commit).
+level, so a spend costs no extra query. Each entry, and each threshold crossing, is
+reported to the caller's ``changes`` collector (acted on after commit). The entry's values
+and the crossing rule are ``entries``' (shared with ``fastspend`` and ``batchwrite``).
 """
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from typing import Any
 
 from billing import changes, sql
-from billing.enums import ErrorCode, ProcessType, TransactionType
+from billing.enums import ErrorCode
 from billing.errors import BillingError, fail
+from billing.ledger import entries
+from billing.ledger.entries import Movement as Movement
+from billing.ledger.entries import crossing_set as crossing_set
 from billing.models import LedgerEntry
 from billing.notifications import lowbalance
 
@@ -25,39 +29,10 @@ MAX_CREDITS_PER_ENTRY = 100_000_000
 #: 10); the database holds the same bound (migration 0008).
 MAX_BALANCE = 2**31 - 1
 
-
-#: The debit statement's crossing rule (see ``crossed``): set ``recharge_crossed`` when this
-#: debit takes the balance from at or above the threshold to below it. ``balance`` on the
-#: right-hand side is the value before the update, in PostgreSQL and SQLite alike.
-def crossing_set(after: str) -> str:
-    """The SET clause of a debit's ``UPDATE`` that records a crossing (see ``crossed``):
-    marks it open and numbers it (``recharge_seq``: the job id and trigger key of its
-    recharge), so a payment settled late for an older crossing can't close a newer one.
-    ``after`` is the balance after the debit, as an SQL expression of the old one (its
-    placeholders appear twice)."""
-    crossing = (
-        "recharge_threshold IS NOT NULL AND balance >= recharge_threshold "
-        f"AND {after} < recharge_threshold"
-    )
-    return (
-        f"recharge_crossed = CASE WHEN {crossing} THEN TRUE ELSE recharge_crossed END, "
-        f"recharge_seq = CASE WHEN {crossing} THEN recharge_seq + 1 ELSE recharge_seq END"
-    )
-
-
 CROSSING_SET = crossing_set("balance + ?")
 #: Bound into CROSSING_SET for a debit that must open no crossing: ``balance + 0`` is never
 #: below a threshold the balance is at or above.
 _NEVER_CROSSES = 0
-
-
-def crossed(before: int, after: int, threshold: int | None) -> bool:
-    """A threshold crossing: the balance went from at or above ``threshold`` to below it.
-
-    The one rule every path uses (DESIGN.md section 3, "Threshold crossings"): a balance
-    that stays under the threshold, however often it is spent from, crosses nothing; saving
-    or enabling the setting while below counts as a crossing (``autorecharge``)."""
-    return threshold is not None and before >= threshold > after
 
 
 def balance_limit_error(balance: int, credits: int) -> BillingError:
@@ -69,144 +44,92 @@ def balance_limit_error(balance: int, credits: int) -> BillingError:
     )
 
 
-MAX_DESCRIPTION = 500  # the column's width; descriptions built from input are cut to it
-
-
-@dataclass(frozen=True, slots=True)
-class Movement:
-    account_id: str
-    credits: int
-    type: TransactionType
-    process_type: ProcessType
-    description: str
-    user_id: str | None = None
-    reference: str | None = None
-    quantity: int | None = None
-    payment_id: uuid.UUID | None = None
-    reverses_entry_id: uuid.UUID | None = None
-    entry_id: uuid.UUID | None = None
-    #: False for a take-back (a refund or dispute of a card payment): it opens no threshold
-    #: crossing, so the card that was just refunded or disputed is not charged again for it.
-    opens_crossing: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class Posted:
-    entry: LedgerEntry
-    recharge_seq: int | None  # set when this debit crossed the recharge threshold
-
-
 async def post(movement: Movement) -> LedgerEntry:
     """Apply ``movement`` to the balance and append its entry. Caller owns the transaction.
 
     Raises ``INSUFFICIENT_CREDITS`` (and changes nothing) when a debit would go below zero.
+    A debit that crosses the auto-recharge threshold (read in the same statement, so
+    spending costs no extra query) reports the crossing to ``changes``; one that takes the
+    balance under the low-balance level writes its notice.
     """
-    return (await post_returning(movement)).entry
-
-
-async def post_returning(movement: Movement) -> Posted:
-    """``post``, also telling whether the balance is now below the auto-recharge threshold
-    (read in the same statement, so spending costs no extra query)."""
     if movement.credits == 0 or abs(movement.credits) > MAX_CREDITS_PER_ENTRY:
         raise ValueError(f"ledger movement of {movement.credits} credits")
-    conn = sql.connection()
-    if movement.credits < 0:
-        rows = await sql.fetch(
-            f"UPDATE credit_account SET balance = balance + ?, {CROSSING_SET} "
-            "WHERE id = ? AND balance + ? >= 0 "
-            "RETURNING balance, recharge_threshold, recharge_seq, low_balance_level",
-            movement.credits,
-            movement.credits if movement.opens_crossing else _NEVER_CROSSES,
-            movement.credits if movement.opens_crossing else _NEVER_CROSSES,
-            movement.account_id,
-            movement.credits,
-        )
-        if not rows:
-            raise fail(
-                ErrorCode.INSUFFICIENT_CREDITS,
-                f"The balance does not cover {-movement.credits} credits.",
-            )
-    else:
-        rows = await sql.fetch(
-            "UPDATE credit_account SET balance = balance + ? WHERE id = ? AND balance <= ? "
-            "RETURNING balance, recharge_threshold, recharge_seq",
-            movement.credits,
-            movement.account_id,
-            MAX_BALANCE - movement.credits,
-        )
-        if not rows:
-            current = await sql.fetch(
-                "SELECT balance FROM credit_account WHERE id = ?", movement.account_id
-            )
-            if not current:
-                raise LookupError(f"account {movement.account_id} does not exist")
-            raise balance_limit_error(int(current[0]["balance"]), movement.credits)
-    balance_after = int(rows[0]["balance"])
-    threshold = rows[0]["recharge_threshold"]
-    below = (
-        movement.credits < 0
-        and movement.opens_crossing
-        and crossed(
-            balance_after - movement.credits,
-            balance_after,
-            None if threshold is None else int(threshold),
-        )
-    )
-    description = movement.description[:MAX_DESCRIPTION]
-    entry_id = movement.entry_id or uuid.uuid4()
+    moved = await (_debit(movement) if movement.credits < 0 else _credit(movement))
     created_at = sql.now()  # taken under the row lock: per account, time order == lock order
-    await sql.execute(
-        "INSERT INTO ledger_entry (id, account_id, created_at, type, process_type, credits, "
-        "balance_after, quantity, user_id, description, reference, payment_id, reverses_entry_id) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        str(entry_id) if not sql.is_postgres(conn) else entry_id,
-        movement.account_id,
-        created_at,
-        movement.type.value,
-        movement.process_type.value,
-        movement.credits,
-        balance_after,
-        movement.quantity,
-        movement.user_id,
-        description,
-        movement.reference,
-        _uuid_param(conn, movement.payment_id),
-        _uuid_param(conn, movement.reverses_entry_id),
-    )
-    entry = LedgerEntry(
-        id=entry_id,
-        account_id=movement.account_id,
+    entry = entries.build(
+        movement,
+        movement.entry_id or uuid.uuid4(),
+        balance_after=int(moved["balance"]),
         created_at=created_at,
-        type=movement.type,
-        process_type=movement.process_type,
-        credits=movement.credits,
-        balance_after=balance_after,
-        quantity=movement.quantity,
-        user_id=movement.user_id,
-        description=description,
-        reference=movement.reference,
-        payment_id=movement.payment_id,
-        reverses_entry_id=movement.reverses_entry_id,
     )
-    if movement.credits < 0:
-        raw_level = rows[0]["low_balance_level"]
-        level = None if raw_level is None else int(raw_level)
-        if lowbalance.turned_low(balance_after - movement.credits, balance_after, level):
-            assert level is not None
-            await lowbalance.notify(
-                movement.account_id,
-                balance_after,
-                level,
-                f"balance-low:{movement.account_id}:{entry_id}",
-            )
+    pg = sql.is_postgres(sql.connection())
+    await sql.execute(
+        f"{entries.INSERT} VALUES {entries.placeholders(1, len(entries.COLUMNS))}",
+        *entries.row(entry, pg=pg),
+    )
     changes.entry_posted(entry)
-    return Posted(entry, int(rows[0]["recharge_seq"]) if below else None)
+    if movement.credits < 0:
+        await _after_debit(movement, entry, moved)
+    return entry
 
 
-def _uuid_param(conn: object, value: uuid.UUID | None) -> object:
-    if value is None:
-        return None
-    return value if sql.is_postgres(conn) else str(value)  # type: ignore[arg-type]
+async def _debit(movement: Movement) -> dict[str, Any]:
+    """The debit's conditional UPDATE: the balance after it, and what the crossing rules
+    need (threshold, crossing number, low-balance level)."""
+    opening = movement.credits if movement.opens_crossing else _NEVER_CROSSES
+    rows = await sql.fetch(
+        f"UPDATE credit_account SET balance = balance + ?, {CROSSING_SET} "
+        "WHERE id = ? AND balance + ? >= 0 "
+        "RETURNING balance, recharge_threshold, recharge_seq, low_balance_level",
+        movement.credits,
+        opening,
+        opening,
+        movement.account_id,
+        movement.credits,
+    )
+    if not rows:
+        raise fail(
+            ErrorCode.INSUFFICIENT_CREDITS,
+            f"The balance does not cover {-movement.credits} credits.",
+        )
+    return dict(rows[0])
+
+
+async def _credit(movement: Movement) -> dict[str, Any]:
+    rows = await sql.fetch(
+        "UPDATE credit_account SET balance = balance + ? WHERE id = ? AND balance <= ? "
+        "RETURNING balance",
+        movement.credits,
+        movement.account_id,
+        MAX_BALANCE - movement.credits,
+    )
+    if rows:
+        return dict(rows[0])
+    current = await sql.fetch(
+        "SELECT balance FROM credit_account WHERE id = ?", movement.account_id
+    )
+    if not current:
+        raise LookupError(f"account {movement.account_id} does not exist")
+    raise balance_limit_error(int(current[0]["balance"]), movement.credits)
+
+
+async def _after_debit(movement: Movement, entry: LedgerEntry, moved: dict[str, Any]) -> None:
+    """A debit's crossings: the auto-recharge threshold (reported) and the low-balance
+    level (its notice written, in this transaction)."""
+    after = entry.balance_after
+    before = after - movement.credits
+    if movement.opens_crossing:
+        seq = entries.crossing_seq(
+            before, after, moved["recharge_threshold"], moved["recharge_seq"]
+        )
+        if seq is not None:
+            changes.threshold_crossed(movement.account_id, seq)
+    raw_level = moved["low_balance_level"]
+    level = None if raw_level is None else int(raw_level)
+    if level is not None and lowbalance.turned_low(before, after, level):
+        await lowbalance.notify(
+            movement.account_id, after, level, f"balance-low:{movement.account_id}:{entry.id}"
+        )
 
 
 async def balance_of(account_id: str) -> int:

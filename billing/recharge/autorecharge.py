@@ -44,6 +44,15 @@ async def get_setting(account_id: str) -> AutoRechargeSetting:
 
 
 def _validate(v: Validator, data: AutoRechargeInput, book: PriceBook) -> None:
+    _validate_amounts(v, data, book)
+    _validate_notify(v, data)
+    if not data.use_primary_card and not data.card_id_given:
+        v.add("cardId is required when usePrimaryCard is false", "cardId")
+    if data.enabled:
+        _validate_enabled(v, data)
+
+
+def _validate_amounts(v: Validator, data: AutoRechargeInput, book: PriceBook) -> None:
     lo, hi = book.min_purchase_credits, book.max_purchase_credits
     if data.recharge_credits is not None and not lo <= data.recharge_credits <= hi:
         v.add(
@@ -72,37 +81,35 @@ def _validate(v: Validator, data: AutoRechargeInput, book: PriceBook) -> None:
                 "monthlyLimitCredits is below one recharge, so none could ever run",
                 "monthlyLimitCredits",
             )
+
+
+def _validate_notify(v: Validator, data: AutoRechargeInput) -> None:
     emails = data.notify_emails or []
     if len(emails) > MAX_NOTIFY_EMAILS:
         v.add(f"at most {MAX_NOTIFY_EMAILS} notifyEmails", "notifyEmails")
     for i, email in enumerate(emails):
         if emails_lib.normalized(email) is None:
             v.add(f"not an e-mail address: {email[:80]!r}", "notifyEmails", str(i))
-    if not data.use_primary_card and not data.card_id_given:
-        v.add("cardId is required when usePrimaryCard is false", "cardId")
-    if data.enabled:
-        if data.trigger is None:
-            v.add("trigger is required to enable auto-recharge", "trigger")
-        if data.recharge_credits is None:
-            v.add("rechargeCredits is required to enable auto-recharge", "rechargeCredits")
-        if data.trigger is AutoRechargeTrigger.THRESHOLD and data.threshold_credits is None:
-            v.add("thresholdCredits is required for a THRESHOLD trigger", "thresholdCredits")
-        if data.trigger is AutoRechargeTrigger.SCHEDULE and data.interval_days is None:
-            v.add("intervalDays is required for a SCHEDULE trigger", "intervalDays")
 
 
-@dataclass(frozen=True, slots=True)
-class AutoRechargeUpdate:
-    setting: AutoRechargeSetting
-    #: Set when the new setting wants a recharge at once (enabled below its threshold):
-    #: the caller enqueues the threshold job after commit.
-    recharge_seq: int | None
+def _validate_enabled(v: Validator, data: AutoRechargeInput) -> None:
+    """What an enabled setting needs."""
+    if data.trigger is None:
+        v.add("trigger is required to enable auto-recharge", "trigger")
+    if data.recharge_credits is None:
+        v.add("rechargeCredits is required to enable auto-recharge", "rechargeCredits")
+    if data.trigger is AutoRechargeTrigger.THRESHOLD and data.threshold_credits is None:
+        v.add("thresholdCredits is required for a THRESHOLD trigger", "thresholdCredits")
+    if data.trigger is AutoRechargeTrigger.SCHEDULE and data.interval_days is None:
+        v.add("intervalDays is required for a SCHEDULE trigger", "intervalDays")
 
 
 async def update_auto_recharge(
     book: PriceBook, account_id: str, data: AutoRechargeInput
-) -> AutoRechargeUpdate:
-    """Replace the whole setting (caller's transaction)."""
+) -> AutoRechargeSetting:
+    """Replace the whole setting (caller's transaction). Saved (or enabled) while the
+    balance is under its threshold, it opens a crossing (reported to ``changes``: the
+    caller queues its recharge after commit)."""
     v = Validator()
     _validate(v, data, book)
     v.check()
@@ -155,7 +162,8 @@ async def update_auto_recharge(
     level = setting.threshold_level()
     if level is not None and account.balance < level:
         # Saving (or enabling) the setting while the balance is under it is a crossing.
-        return AutoRechargeUpdate(setting, await runs.open_crossing(account_id))
+        await runs.open_crossing(account_id)
+        return setting
     if account.recharge_crossed:
         await runs.close_crossing(account_id)
-    return AutoRechargeUpdate(setting, None)
+    return setting

@@ -19,7 +19,7 @@ from enum import StrEnum
 
 from tortoise.transactions import in_transaction
 
-from billing import sql
+from billing import changes, sql
 from billing.enums import (
     AutoRechargeTrigger,
     NotificationKind,
@@ -67,7 +67,6 @@ class Outcome(StrEnum):
 class RechargeResult:
     outcome: Outcome
     payment_id: uuid.UUID | None = None
-    notification_ids: tuple[int, ...] = ()
 
 
 async def sync_threshold(setting: AutoRechargeSetting) -> None:
@@ -100,69 +99,53 @@ async def _recharged_this_month(account: Account) -> int:
     return int(rows[0]["total"])
 
 
+@dataclass(frozen=True, slots=True)
+class _Due:
+    """A charge that is due: its payment row (written, PENDING) and what charging needs."""
+
+    payment: Payment
+    card: Card
+    account: Account
+
+
 async def _start(
     book: PriceBook, account_id: str, trigger: AutoRechargeTrigger, due_at: datetime | None
-) -> tuple[RechargeResult | None, Payment | None, Card | None, Account | None]:
+) -> RechargeResult | _Due:
     """Under the account lock: decide, and write the payment row if a charge is due."""
     await posting.lock_account(account_id)
     account = await Account.get_or_none(id=account_id)
     setting = await AutoRechargeSetting.get_or_none(account_id=account_id)
     if account is None or setting is None or not setting.enabled or setting.trigger is not trigger:
-        return RechargeResult(Outcome.DISABLED), None, None, None
+        return RechargeResult(Outcome.DISABLED)
     if setting.paused_reason is not None:
-        return RechargeResult(Outcome.PAUSED), None, None, None
+        return RechargeResult(Outcome.PAUSED)
     now = sql.now()
-    if trigger is AutoRechargeTrigger.THRESHOLD:
-        if not account.recharge_crossed:
-            # No open crossing: this one was served (or never happened). A balance that
-            # stays under the threshold is not a new crossing (DESIGN.md section 3).
-            return RechargeResult(Outcome.NOT_NEEDED), None, None, None
-        if setting.next_attempt_at is not None and setting.next_attempt_at > now:
-            return RechargeResult(Outcome.BACKOFF), None, None, None
-        if setting.threshold_credits is None or account.balance >= setting.threshold_credits:
-            await close_crossing(account_id)  # topped up meanwhile: nothing to serve
-            return RechargeResult(Outcome.NOT_NEEDED), None, None, None
-    elif (
-        setting.next_run_at is None
-        or setting.next_run_at > now
-        or (due_at is not None and setting.next_run_at != due_at)
-    ):
-        return RechargeResult(Outcome.NOT_NEEDED), None, None, None
-    if await Payment.exists(
-        account_id=account_id, kind=PaymentKind.AUTO_RECHARGE, status__in=list(IN_FLIGHT)
-    ):
-        return RechargeResult(Outcome.IN_FLIGHT), None, None, None
-    credits = int(setting.recharge_credits or 0)
-    if credits <= 0:
-        return RechargeResult(Outcome.DISABLED), None, None, None
-    cap = setting.monthly_limit_credits
-    if (cap is not None and await _recharged_this_month(account) + credits > cap) or (
-        account.balance + await credits_in_flight(account_id) > posting.MAX_BALANCE - credits
-    ):
-        # Over the monthly cap, or the credits could not be held (invariant 10): this
-        # crossing is not served, and it is closed, so the sweep does not ask again.
-        if trigger is AutoRechargeTrigger.THRESHOLD:
-            await close_crossing(account_id)
-        return RechargeResult(Outcome.CAPPED), None, None, None
+    not_due = (
+        await _threshold_not_due(account, setting, now)
+        if trigger is AutoRechargeTrigger.THRESHOLD
+        else _schedule_not_due(setting, now, due_at)
+    )
+    if not_due is not None:
+        return not_due
+    refused = await _refused(book, account, setting, trigger)
+    if refused is not None:
+        return refused
     card = await _card_for(setting)
     if card is None:
-        notice = await _pause(setting, "No card on file: add a card to resume auto-recharge.")
-        return RechargeResult(Outcome.PAUSED, notification_ids=notice), None, None, None
+        await _pause(setting, "No card on file: add a card to resume auto-recharge.")
+        return RechargeResult(Outcome.PAUSED)
+    credits = int(setting.recharge_credits or 0)
     if book.amount_cents(credits) < minimum_charge_cents(book.currency):
         # Saved before a price change made it too small: never sent under the minimum.
-        notice = await _pause(
+        await _pause(
             setting,
             f"{credits:,} credits now cost less than the card payment minimum: raise the "
             "recharge amount to resume auto-recharge.",
         )
-        return RechargeResult(Outcome.PAUSED, notification_ids=notice), None, None, None
-    if trigger is AutoRechargeTrigger.THRESHOLD:
-        key = f"threshold:{account_id}:{account.recharge_seq}"
-    else:
-        assert setting.next_run_at is not None
-        key = f"schedule:{account_id}:{setting.next_run_at.isoformat()}"
+        return RechargeResult(Outcome.PAUSED)
+    key = _trigger_key(account, setting, trigger)
     if await Payment.exists(trigger_key=key):
-        return RechargeResult(Outcome.IN_FLIGHT), None, None, None
+        return RechargeResult(Outcome.IN_FLIGHT)
     payment = await Payment.create(
         id=uuid.uuid4(),
         account_id=account_id,
@@ -177,7 +160,67 @@ async def _start(
         created_at=now,
         updated_at=now,
     )
-    return None, payment, card, account
+    return _Due(payment, card, account)
+
+
+async def _threshold_not_due(
+    account: Account, setting: AutoRechargeSetting, now: datetime
+) -> RechargeResult | None:
+    if not account.recharge_crossed:
+        # No open crossing: this one was served (or never happened). A balance that
+        # stays under the threshold is not a new crossing (DESIGN.md section 3).
+        return RechargeResult(Outcome.NOT_NEEDED)
+    if setting.next_attempt_at is not None and setting.next_attempt_at > now:
+        return RechargeResult(Outcome.BACKOFF)
+    if setting.threshold_credits is None or account.balance >= setting.threshold_credits:
+        await close_crossing(account.id)  # topped up meanwhile: nothing to serve
+        return RechargeResult(Outcome.NOT_NEEDED)
+    return None
+
+
+def _schedule_not_due(
+    setting: AutoRechargeSetting, now: datetime, due_at: datetime | None
+) -> RechargeResult | None:
+    if (
+        setting.next_run_at is None
+        or setting.next_run_at > now
+        or (due_at is not None and setting.next_run_at != due_at)
+    ):
+        return RechargeResult(Outcome.NOT_NEEDED)
+    return None
+
+
+async def _refused(
+    book: PriceBook, account: Account, setting: AutoRechargeSetting, trigger: AutoRechargeTrigger
+) -> RechargeResult | None:
+    """A recharge in flight already, none configured, or over a limit."""
+    if await Payment.exists(
+        account_id=account.id, kind=PaymentKind.AUTO_RECHARGE, status__in=list(IN_FLIGHT)
+    ):
+        return RechargeResult(Outcome.IN_FLIGHT)
+    credits = int(setting.recharge_credits or 0)
+    if credits <= 0:
+        return RechargeResult(Outcome.DISABLED)
+    cap = setting.monthly_limit_credits
+    if (cap is not None and await _recharged_this_month(account) + credits > cap) or (
+        account.balance + await credits_in_flight(account.id) > posting.MAX_BALANCE - credits
+    ):
+        # Over the monthly cap, or the credits could not be held (invariant 10): this
+        # crossing is not served, and it is closed, so the sweep does not ask again.
+        if trigger is AutoRechargeTrigger.THRESHOLD:
+            await close_crossing(account.id)
+        return RechargeResult(Outcome.CAPPED)
+    return None
+
+
+def _trigger_key(
+    account: Account, setting: AutoRechargeSetting, trigger: AutoRechargeTrigger
+) -> str:
+    """Unique per crossing or per scheduled run: one payment each."""
+    if trigger is AutoRechargeTrigger.THRESHOLD:
+        return f"threshold:{account.id}:{account.recharge_seq}"
+    assert setting.next_run_at is not None
+    return f"schedule:{account.id}:{setting.next_run_at.isoformat()}"
 
 
 async def run(
@@ -189,11 +232,10 @@ async def run(
 ) -> RechargeResult:
     """One auto-recharge attempt for ``account_id`` if (and only if) one is due."""
     async with in_transaction():
-        early, payment, card, account = await _start(book, account_id, trigger, due_at)
-    if early is not None:
-        return early
-    assert payment is not None and card is not None and account is not None
-    return await _charge(gateway, payment, card, account)
+        started = await _start(book, account_id, trigger, due_at)
+    if isinstance(started, RechargeResult):
+        return started
+    return await _charge(gateway, started.payment, started.card, started.account)
 
 
 async def _charge(
@@ -232,39 +274,51 @@ async def settle(payment_id: uuid.UUID) -> RechargeResult:
     if setting is None or payment.status in IN_FLIGHT:
         return RechargeResult(Outcome.PENDING, payment.id)
     if not await _first_settlement(payment.id):
-        # Booked already (by settlement, a webhook, the sweep): report what it came to.
-        if payment.status is PaymentStatus.SUCCEEDED:
-            return RechargeResult(Outcome.CHARGED, payment.id)
-        paused = setting.paused_reason is not None
-        return RechargeResult(Outcome.PAUSED if paused else Outcome.DECLINED, payment.id)
-    now = sql.now()
-    notices: list[int] = []
+        return _settled_before(payment, setting)
     if payment.status is PaymentStatus.SUCCEEDED:
-        setting.consecutive_failures = 0
-        setting.next_attempt_at = None
-        setting.last_run_at = now
-        if setting.trigger is AutoRechargeTrigger.SCHEDULE and setting.next_run_at is not None:
-            setting.next_run_at = _advance(setting.next_run_at, setting.interval_days or 1, now)
-        await setting.save()
-        await _next_crossing(payment, served=True)
-        if setting.notify:
-            notices.append(
-                await outbox.queue(
-                    payment.account_id,
-                    NotificationKind.RECHARGE_SUCCEEDED,
-                    dedupe_key=f"recharge-succeeded:{payment.id}",
-                    subject=f"Auto-recharge added {payment.credits:,} credits",
-                    body=(
-                        f"Your account was auto-recharged with {payment.credits:,} purchase "
-                        f"credits for {payment.amount_cents / 100:.2f} "
-                        f"{payment.currency.upper()}."
-                    ),
-                    recipients=list(setting.notify_emails or []) or None,
-                )
-                or 0
-            )
-        return RechargeResult(Outcome.CHARGED, payment.id, tuple(n for n in notices if n))
+        await _charged(payment, setting)
+        return RechargeResult(Outcome.CHARGED, payment.id)
     # Declined (or authentication required, which off-session can't satisfy).
+    paused = await _declined(payment, setting)
+    return RechargeResult(Outcome.PAUSED if paused else Outcome.DECLINED, payment.id)
+
+
+def _settled_before(payment: Payment, setting: AutoRechargeSetting) -> RechargeResult:
+    """Booked already (by settlement, a webhook, the sweep): what it came to."""
+    if payment.status is PaymentStatus.SUCCEEDED:
+        return RechargeResult(Outcome.CHARGED, payment.id)
+    paused = setting.paused_reason is not None
+    return RechargeResult(Outcome.PAUSED if paused else Outcome.DECLINED, payment.id)
+
+
+async def _charged(payment: Payment, setting: AutoRechargeSetting) -> None:
+    """A success: the failures are forgotten, the schedule moves on, the crossing is
+    served, the admins told (if they asked)."""
+    now = sql.now()
+    setting.consecutive_failures = 0
+    setting.next_attempt_at = None
+    setting.last_run_at = now
+    if setting.trigger is AutoRechargeTrigger.SCHEDULE and setting.next_run_at is not None:
+        setting.next_run_at = _advance(setting.next_run_at, setting.interval_days or 1, now)
+    await setting.save()
+    await _next_crossing(payment, served=True)
+    if setting.notify:
+        await outbox.queue(
+            payment.account_id,
+            NotificationKind.RECHARGE_SUCCEEDED,
+            dedupe_key=f"recharge-succeeded:{payment.id}",
+            subject=f"Auto-recharge added {payment.credits:,} credits",
+            body=(
+                f"Your account was auto-recharged with {payment.credits:,} purchase "
+                f"credits for {payment.amount_cents / 100:.2f} {payment.currency.upper()}."
+            ),
+            recipients=list(setting.notify_emails or []) or None,
+        )
+
+
+async def _declined(payment: Payment, setting: AutoRechargeSetting) -> bool:
+    """A decline: pause after ``MAX_FAILURES`` (or a card that needs authentication),
+    else back off and tell the admins (if they asked). True if paused."""
     await _next_crossing(payment, served=False)
     setting.consecutive_failures += 1
     needs_auth = payment.failure_code == "authentication_required"
@@ -275,29 +329,27 @@ async def settle(payment_id: uuid.UUID) -> RechargeResult:
             if needs_auth
             else f"The card was declined {setting.consecutive_failures} times in a row."
         )
-        notices.extend(await _pause(setting, f"{why} Last answer: {reason}"))
-        return RechargeResult(Outcome.PAUSED, payment.id, tuple(notices))
+        await _pause(setting, f"{why} Last answer: {reason}")
+        return True
+    now = sql.now()
     wait = BACKOFF[min(setting.consecutive_failures, len(BACKOFF)) - 1]
     setting.next_attempt_at = now + wait
     if setting.trigger is AutoRechargeTrigger.SCHEDULE:
         setting.next_run_at = now + wait
     await setting.save()
     if setting.notify:
-        notices.append(
-            await outbox.queue(
-                payment.account_id,
-                NotificationKind.RECHARGE_FAILED,
-                dedupe_key=f"recharge-failed:{payment.id}",
-                subject="Auto-recharge failed",
-                body=(
-                    f"We could not auto-recharge {payment.credits:,} credits: {reason} "
-                    f"We will try again after {(now + wait):%Y-%m-%d %H:%M} UTC."
-                ),
-                recipients=list(setting.notify_emails or []) or None,
-            )
-            or 0
+        await outbox.queue(
+            payment.account_id,
+            NotificationKind.RECHARGE_FAILED,
+            dedupe_key=f"recharge-failed:{payment.id}",
+            subject="Auto-recharge failed",
+            body=(
+                f"We could not auto-recharge {payment.credits:,} credits: {reason} "
+                f"We will try again after {(now + wait):%Y-%m-%d %H:%M} UTC."
+            ),
+            recipients=list(setting.notify_emails or []) or None,
         )
-    return RechargeResult(Outcome.DECLINED, payment.id, tuple(n for n in notices if n))
+    return False
 
 
 async def _first_settlement(payment_id: uuid.UUID) -> bool:
@@ -344,25 +396,26 @@ async def close_crossing(account_id: str) -> None:
     )
 
 
-async def open_crossing(account_id: str) -> int:
+async def open_crossing(account_id: str) -> None:
     """Saving or enabling the setting while the balance is under its threshold counts as a
-    crossing; returns the crossing number (for the job id)."""
+    crossing; reported to ``changes`` with its number (the recharge's job id)."""
     rows = await sql.fetch(
         "UPDATE credit_account SET recharge_crossed = ?, recharge_seq = recharge_seq + 1 "
         "WHERE id = ? RETURNING recharge_seq",
         True,
         account_id,
     )
-    return int(rows[0]["recharge_seq"])
+    changes.threshold_crossed(account_id, int(rows[0]["recharge_seq"]))
 
 
-async def _pause(setting: AutoRechargeSetting, reason: str) -> tuple[int, ...]:
+async def _pause(setting: AutoRechargeSetting, reason: str) -> None:
+    """Pause the setting and tell the admins (the notice goes out after commit)."""
     setting.paused_reason = reason[:500]
     setting.next_attempt_at = None
     await setting.save()
     await sync_threshold(setting)
     await close_crossing(setting.account_id)  # saving the setting again re-arms it
-    notice = await outbox.queue(
+    await outbox.queue(
         setting.account_id,
         NotificationKind.AUTO_RECHARGE_PAUSED,
         dedupe_key=f"paused:{setting.account_id}:{sql.now().isoformat()}",
@@ -370,7 +423,6 @@ async def _pause(setting: AutoRechargeSetting, reason: str) -> tuple[int, ...]:
         body=f"Auto-recharge of purchase credits is paused. {reason} Update your card or "
         "turn auto-recharge back on in the billing settings to resume.",
     )
-    return (notice,) if notice else ()
 
 
 def _advance(due: datetime, interval_days: int, now: datetime) -> datetime:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from tortoise.transactions import in_transaction
 
-from billing import changes, idempotency, sql
-from billing.accounts import ensure_account, validate_account_id, validate_user_id
+from billing import idempotency, sql
+from billing.accounts import ensure_account, validate_account_id
 from billing.enums import BillingMode, ErrorCode, ProcessType, TransactionType
 from billing.errors import Validator, fail
 from billing.ledger import fastspend as fast
@@ -21,25 +21,18 @@ from billing.ledger import posting
 from billing.ledger.posting import Movement
 from billing.models import Account, Card, LedgerEntry, MeteredUsage
 from billing.payments.gateways import minimum_charge_cents
-from billing.pricing import PriceBook, ProcessPrice
+from billing.pricing import PriceBook
 from billing.spending.quota import month_bounds, take_free_units
+from billing.spending.request import (
+    OPERATION,
+    SpendItem,
+    SpendRequest,
+    check_usage_input,
+    validate,
+)
 
-MIN_QUANTITY = 1
-MAX_QUANTITY = 10_000
-MAX_REFERENCE = 255
 MAX_REASON = 500
 MAX_STAFF_CREDITS = 10_000_000
-
-_DESCRIPTIONS = {
-    ProcessType.HANDWRITTEN_LETTER: "Handwritten letter",
-    ProcessType.POSTCARD: "Postcard",
-    ProcessType.ADVANCED_EMAIL_TEST: "Advanced email test",
-    ProcessType.SOCIAL_MEDIA_APPEND: "Social media append",
-    ProcessType.SMART_MATCH: "Smart match",
-    ProcessType.PROSPECT_SEARCH: "Prospect search",
-    ProcessType.PREMIUM_AUDIO_TRANSCRIPTION: "Premium audio transcription",
-    ProcessType.BUSINESS_CARD_TRANSCRIPTION: "Business card transcription",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,35 +40,6 @@ class ConsumeResult:
     entry: LedgerEntry | None
     balance: int
     free_units_applied: int
-    recharge_seq: int | None = None  # the spend left the balance below the recharge threshold
-
-
-def _check_usage_input(
-    v: Validator, quantity: int, reference: str | None, account_id: str, user_id: str
-) -> None:
-    if not MIN_QUANTITY <= quantity <= MAX_QUANTITY:
-        v.add(f"quantity must be {MIN_QUANTITY} to {MAX_QUANTITY:,}", "quantity")
-    if reference is not None and len(reference) > MAX_REFERENCE:
-        v.add(f"reference must be at most {MAX_REFERENCE} characters", "reference")
-    validate_account_id(v, account_id, "accountId")
-    validate_user_id(v, user_id, "userId")
-
-
-def describe_usage(process_type: ProcessType, quantity: int, free: int) -> str:
-    label = _DESCRIPTIONS.get(process_type, process_type.value)
-    return f"{label} x {quantity}" + (f" ({free} free)" if free else "")
-
-
-def _prepaid_price(book: PriceBook, process_type: ProcessType) -> ProcessPrice:
-    price = book.process(process_type)
-    if price is None or price.billing is BillingMode.METERED:
-        hint = " (it is metered: use recordMeteredUsage)" if price else ""
-        raise fail(
-            ErrorCode.VALIDATION,
-            f"{process_type.value} cannot be paid with credits{hint}",
-            "processType",
-        )
-    return price
 
 
 async def consume(
@@ -95,60 +59,38 @@ async def consume(
     statement runs, never across a round trip; anything else (free quota, a refusal, a
     low-balance crossing, SQLite) runs as ``consume_in_transaction``.
     """
-    v = Validator()
-    _check_usage_input(v, quantity, reference, account_id, user_id)
-    v.check()
-    price = _prepaid_price(book, process_type)
-    idempotency.check_key(idempotency_key)
-    if price.billing is BillingMode.PREPAID and _fast_path_applies():
-        await ensure_account(account_id)
-        params = _consume_params(user_id, process_type, quantity, reference)
-        for _ in range(_REPLAY_WAITS):
-            done = await fast.spend(
-                account_id=account_id,
-                user_id=user_id,
-                process_type=process_type,
-                quantity=quantity,
-                reference=reference,
-                idempotency_key=idempotency_key,
-                params=params,
-                credits=quantity * (price.credits_per_unit or 0),
-                description=describe_usage(process_type, quantity, 0),
-            )
-            if isinstance(done, fast.Spent):
-                changes.entry_posted(done.entry)
-                return ConsumeResult(done.entry, done.entry.balance_after, 0, done.recharge_seq)
-            if done is None:
-                break  # the transactional path decides (and explains)
-            replayed = await replay_when_settled(account_id, idempotency_key, params)
-            if replayed is not None:
-                return replayed
-            # the first request with this key was withdrawn: try again as a fresh one
+    item = SpendItem(account_id, user_id, process_type, quantity, reference, idempotency_key)
+    request = validate(book, item)
+    if request.price.billing is BillingMode.PREPAID and _fast_path_applies():
+        done = await _spend_in_one_statement(request)
+        if done is not None:
+            return done
     async with in_transaction():
-        return await consume_in_transaction(
-            book,
-            account_id=account_id,
-            user_id=user_id,
-            process_type=process_type,
-            quantity=quantity,
-            reference=reference,
-            idempotency_key=idempotency_key,
-        )
+        return await spend_in_transaction(request)
 
 
 _REPLAY_WAITS = 50
 _REPLAY_SLEEP = 0.02  # 50 waits outlast idempotency.UNSETTLED_AFTER
 
 
-def _consume_params(
-    user_id: str, process_type: ProcessType, quantity: int, reference: str | None
-) -> dict[str, object]:
-    return {
-        "userId": user_id,
-        "processType": process_type.value,
-        "quantity": quantity,
-        "reference": reference,
-    }
+async def _spend_in_one_statement(request: SpendRequest) -> ConsumeResult | None:
+    """The fast path (``fastspend``); None: the transactional path decides (and explains)."""
+    await ensure_account(request.account_id)
+    for _ in range(_REPLAY_WAITS):
+        done = await fast.spend(
+            request.movement(free=0, entry_id=uuid.uuid4()),
+            idempotency_key=request.key,
+            params=request.params,
+        )
+        if isinstance(done, LedgerEntry):
+            return ConsumeResult(done, done.balance_after, 0)
+        if done is None:
+            return None
+        replayed = await replay_when_settled(request.account_id, request.key, request.params)
+        if replayed is not None:
+            return replayed
+        # the first request with this key was withdrawn: try again as a fresh one
+    return None
 
 
 async def replay_when_settled(
@@ -161,7 +103,7 @@ async def replay_when_settled(
 
     Raises ``IDEMPOTENCY_KEY_REUSED`` if the key was used with other parameters."""
     for _ in range(_REPLAY_WAITS):
-        record = await idempotency.lookup(account_id, key, "consumeCredits", params)
+        record = await idempotency.lookup(account_id, key, OPERATION, params)
         if record is None:
             return None
         entry_id = record.result.get("entry_id")
@@ -188,72 +130,72 @@ async def consume_in_transaction(
     idempotency_key: str,
 ) -> ConsumeResult:
     """``consume`` in the caller's transaction."""
-    v = Validator()
-    _check_usage_input(v, quantity, reference, account_id, user_id)
-    v.check()
-    price = _prepaid_price(book, process_type)
-    idempotency.check_key(idempotency_key)
-    await ensure_account(account_id)
+    item = SpendItem(account_id, user_id, process_type, quantity, reference, idempotency_key)
+    return await spend_in_transaction(validate(book, item))
 
+
+async def spend_in_transaction(request: SpendRequest) -> ConsumeResult:
+    """A validated spend in the caller's transaction: claim the key (or replay its first
+    result), take free units first, debit the rest."""
+    await ensure_account(request.account_id)
     entry_id = uuid.uuid4()
-    params = _consume_params(user_id, process_type, quantity, reference)
+    replayed = await _claim(request, entry_id)
+    if replayed is not None:
+        return replayed
+    free = await _free_units(request)
+    if free == request.item.quantity:
+        balance = await posting.balance_of(request.account_id)
+        await idempotency.update_result(
+            request.account_id,
+            request.key,
+            {"entry_id": None, "free_units": free, "balance": balance},
+        )
+        return ConsumeResult(None, balance, free)
+    entry = await posting.post(request.movement(free=free, entry_id=entry_id))
+    if free:
+        await idempotency.update_result(
+            request.account_id, request.key, {"entry_id": str(entry_id), "free_units": free}
+        )
+    return ConsumeResult(entry, entry.balance_after, free)
+
+
+async def _claim(request: SpendRequest, entry_id: uuid.UUID) -> ConsumeResult | None:
+    """Claim the key for ``entry_id``; the first request's result if it holds the key."""
+    account_id, key = request.account_id, request.key
     for _ in range(_REPLAY_WAITS):
         replay = await idempotency.claim(
             account_id,
-            idempotency_key,
-            "consumeCredits",
-            params,
+            key,
+            OPERATION,
+            request.params,
             {"entry_id": str(entry_id), "free_units": 0},
         )
         if replay is None:
-            break
+            return None
         first_entry = replay.result.get("entry_id")
         if first_entry is None or await LedgerEntry.exists(id=first_entry, account_id=account_id):
             return await _replay_consume(account_id, replay.result)
         # A fast-path claim whose spend was refused, about to be withdrawn (its entry
         # would have come in the same statement): claim again once it is gone, or
         # withdraw it when its own withdrawal was lost.
-        if not await idempotency.withdraw_unsettled(account_id, idempotency_key, str(first_entry)):
+        if not await idempotency.withdraw_unsettled(account_id, key, str(first_entry)):
             await asyncio.sleep(_REPLAY_SLEEP)
-    else:
-        raise RuntimeError(f"idempotency key {idempotency_key!r} of {account_id} did not settle")
+    raise RuntimeError(f"idempotency key {key!r} of {account_id} did not settle")
 
-    free = 0
-    if price.billing is BillingMode.FREE_QUOTA_THEN_PREPAID:
-        account = await Account.get(id=account_id)
-        free = await take_free_units(
-            account_id, account.timezone, process_type, quantity, price.free_monthly_quota or 0
-        )
-    paid_units = quantity - free
-    if paid_units == 0:
-        balance = await posting.balance_of(account_id)
-        await idempotency.update_result(
-            account_id, idempotency_key, {"entry_id": None, "free_units": free, "balance": balance}
-        )
-        return ConsumeResult(None, balance, free)
 
-    assert price.credits_per_unit is not None
-    credits = paid_units * price.credits_per_unit
-    description = describe_usage(process_type, quantity, free)
-    posted = await posting.post_returning(
-        Movement(
-            account_id=account_id,
-            credits=-credits,
-            type=TransactionType.USAGE,
-            process_type=process_type,
-            description=description,
-            user_id=user_id,
-            reference=reference,
-            quantity=quantity,
-            entry_id=entry_id,
-        )
+async def _free_units(request: SpendRequest) -> int:
+    """Free units taken from this month's quota (none for a plain prepaid process)."""
+    allowance = request.free_allowance
+    if allowance is None:
+        return 0
+    account = await Account.get(id=request.account_id)
+    return await take_free_units(
+        request.account_id,
+        account.timezone,
+        request.item.process_type,
+        request.item.quantity,
+        allowance,
     )
-    entry = posted.entry
-    if free:
-        await idempotency.update_result(
-            account_id, idempotency_key, {"entry_id": str(entry_id), "free_units": free}
-        )
-    return ConsumeResult(entry, entry.balance_after, free, posted.recharge_seq)
 
 
 async def _replay_consume(account_id: str, result: dict[str, object]) -> ConsumeResult:
@@ -269,7 +211,6 @@ async def _replay_consume(account_id: str, result: dict[str, object]) -> Consume
 class EntryResult:
     entry: LedgerEntry
     balance: int
-    recharge_seq: int | None = None
 
 
 async def _replay_entry(account_id: str, result: dict[str, object]) -> EntryResult:
@@ -370,7 +311,7 @@ async def grant_or_adjust(
         return await _replay_entry(account_id, replay.result)
     kind = TransactionType.ADJUSTMENT if adjust else TransactionType.GRANT
     label = "Adjustment" if adjust else "Credits granted"
-    posted = await posting.post_returning(
+    entry = await posting.post(
         Movement(
             account_id=account_id,
             credits=credits,
@@ -381,8 +322,7 @@ async def grant_or_adjust(
             entry_id=new_id,
         )
     )
-    entry = posted.entry
-    return EntryResult(entry, entry.balance_after, posted.recharge_seq)
+    return EntryResult(entry, entry.balance_after)
 
 
 async def record_metered(
@@ -397,7 +337,7 @@ async def record_metered(
 ) -> MeteredUsage:
     """Record metered usage (invoiced monthly to the card on file)."""
     v = Validator()
-    _check_usage_input(v, quantity, reference, account_id, user_id)
+    check_usage_input(v, quantity, reference, account_id, user_id)
     v.check()
     price = book.process(process_type)
     if price is None or price.billing is not BillingMode.METERED or price.cents_per_unit is None:
