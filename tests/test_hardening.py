@@ -142,7 +142,7 @@ MakeApp = Callable[..., Starlette]
 @pytest.fixture
 def make_app(app: Starlette, settings: Settings, harness: GatewayHarness) -> MakeApp:
     """An app with other settings, on the session's database (``app`` holds it open)."""
-    from api.app import create_app
+    from api.asgi import create_app
 
     def make(**update: Any) -> Starlette:
         changed = settings.model_copy(update=update)
@@ -356,7 +356,7 @@ async def test_a_failure_before_graphql_runs_answers_as_a_coded_failure(
         raise DatabaseUnavailable("no database connection became free within 10 s")
 
     admin = caller(account_id, Role.ADMIN, email="a@example.com")
-    monkeypatch.setattr("api.app.record_member", unavailable)
+    monkeypatch.setattr("api.endpoint.record_member", unavailable)
     before = _unexpected("SERVICE_UNAVAILABLE")
     response = await admin.raw(ops.BALANCE)
     assert response.status_code == 503, response.text

@@ -31,7 +31,7 @@ MakeApp = Callable[..., Starlette]
 @pytest.fixture
 def make_app(app: Starlette, settings: Settings, harness: GatewayHarness) -> MakeApp:
     """An app with other settings, on the session's database (``app`` holds it open)."""
-    from api.app import create_app
+    from api.asgi import create_app
 
     def make(**update: Any) -> Starlette:
         changed = settings.model_copy(update=update)
@@ -80,8 +80,8 @@ async def test_a_fragment_bomb_over_the_websocket_path_is_refused_too(
     app: Starlette, settings: Settings
 ) -> None:
     """The same validation runs for the websocket's operations (Strawberry's ``stream``)."""
-    from api.app import ANONYMOUS
     from api.context import Context
+    from api.endpoint import ANONYMOUS
 
     services = app.state.services
     schema = app.routes[0].endpoint.graphql.schema  # type: ignore[attr-defined]

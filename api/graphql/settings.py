@@ -43,7 +43,7 @@ def given_fields(info: CtxInfo, argument: str) -> set[str]:
     (GraphQL fills in declared defaults, so the parsed input can't tell)."""
     raw = info._raw_info
     variables = info.context.raw_variables or {}
-    for arg in raw.field_nodes[0].arguments:
+    for arg in raw.field_nodes[0].arguments or ():
         if arg.name.value != argument:
             continue
         value = arg.value

@@ -13,20 +13,32 @@ from api.context import Context
 from billing import enums, insights
 from billing.errors import UserError as DomainError
 
-Role = strawberry.enum(enums.Role)
-TransactionType = strawberry.enum(enums.TransactionType)
-ProcessType = strawberry.enum(enums.ProcessType)
-BillingMode = strawberry.enum(enums.BillingMode)
-PaymentStatus = strawberry.enum(enums.PaymentStatus)
-AutoRechargeTrigger = strawberry.enum(enums.AutoRechargeTrigger)
-ErrorCode = strawberry.enum(enums.ErrorCode)
-InvoiceStatus = strawberry.enum(enums.InvoiceStatus)
-AutoRechargeStatus = strawberry.enum(
+# strawberry.enum registers each enum for GraphQL and returns the class itself: the
+# names below are the domain's enums (so they type-check), as GraphQL knows them.
+strawberry.enum(enums.Role)
+strawberry.enum(enums.TransactionType)
+strawberry.enum(enums.ProcessType)
+strawberry.enum(enums.BillingMode)
+strawberry.enum(enums.PaymentStatus)
+strawberry.enum(enums.AutoRechargeTrigger)
+strawberry.enum(enums.ErrorCode)
+strawberry.enum(enums.InvoiceStatus)
+strawberry.enum(
     enums.AutoRechargeStatus,
     description="OFF: not enabled (its configuration is kept); ACTIVE: will recharge; "
     "PAUSED: enabled but stopped (pausedReason says why; saving the setting resumes it).",
 )
-UsageInterval = strawberry.enum(insights.UsageInterval)
+strawberry.enum(insights.UsageInterval)
+Role = enums.Role
+TransactionType = enums.TransactionType
+ProcessType = enums.ProcessType
+BillingMode = enums.BillingMode
+PaymentStatus = enums.PaymentStatus
+AutoRechargeTrigger = enums.AutoRechargeTrigger
+ErrorCode = enums.ErrorCode
+InvoiceStatus = enums.InvoiceStatus
+AutoRechargeStatus = enums.AutoRechargeStatus
+UsageInterval = insights.UsageInterval
 
 CtxInfo = Info[Context, None]
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, cast
 
 import strawberry
 
@@ -34,6 +35,10 @@ from billing.payments.cards import active_cards, primary_card
 from billing.pricing import PriceBook
 from billing.recharge.autorecharge import get_setting
 from billing.spending import quota
+
+
+def _int(value: int | None) -> int | None:
+    return int(value) if value is not None else None
 
 
 @strawberry.type
@@ -102,11 +107,11 @@ class AutoRecharge:
 
     @strawberry.field
     def threshold_credits(self) -> int | None:
-        return self.model.threshold_credits
+        return _int(self.model.threshold_credits)
 
     @strawberry.field
     def recharge_credits(self) -> int | None:
-        return self.model.recharge_credits
+        return _int(self.model.recharge_credits)
 
     @strawberry.field
     def use_primary_card(self) -> bool:
@@ -115,7 +120,7 @@ class AutoRecharge:
     @strawberry.field(description="The card recharges use: the pinned card, or the primary.")
     async def card(self, info: CtxInfo) -> Card | None:
         if not self.model.use_primary_card and self.model.card_id is not None:
-            return card_or_none(await info.context.cards.load(self.model.card_id))
+            return card_or_none(await info.context.cards.load(cast(uuid.UUID, self.model.card_id)))
         return card_or_none(await primary_card(self.model.account_id))
 
     @strawberry.field
@@ -128,7 +133,7 @@ class AutoRecharge:
 
     @strawberry.field
     def monthly_limit_credits(self) -> int | None:
-        return self.model.monthly_limit_credits
+        return _int(self.model.monthly_limit_credits)
 
     @strawberry.field
     def next_run_at(self) -> datetime | None:
@@ -204,7 +209,7 @@ class CreditAccount:
 
     @strawberry.field
     def balance(self) -> int:
-        return self.model.balance
+        return int(self.model.balance)
 
     @strawberry.field(
         description="Set when billing staff should look at the account: a disputed card "

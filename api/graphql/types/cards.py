@@ -72,11 +72,11 @@ class Card:
 
     @strawberry.field
     def exp_month(self) -> int:
-        return self.model.exp_month
+        return int(self.model.exp_month)
 
     @strawberry.field
     def exp_year(self) -> int:
-        return self.model.exp_year
+        return int(self.model.exp_year)
 
     @strawberry.field
     def cardholder_name(self) -> str | None:

@@ -3,7 +3,9 @@ balance change, and metered usage."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
+from typing import cast
 
 import strawberry
 
@@ -39,11 +41,11 @@ class CreditTransaction:
 
     @strawberry.field
     def credits(self) -> int:
-        return self.model.credits
+        return int(self.model.credits)
 
     @strawberry.field
     def balance_after(self) -> int:
-        return self.model.balance_after
+        return int(self.model.balance_after)
 
     @strawberry.field
     def quantity(self) -> int | None:
@@ -73,7 +75,9 @@ class CreditTransaction:
     async def payment(self, info: CtxInfo) -> Payment | None:
         if self.model.payment_id is None:
             return None
-        return payment_or_none(await info.context.payments.load(self.model.payment_id))
+        return payment_or_none(
+            await info.context.payments.load(cast(uuid.UUID, self.model.payment_id))
+        )
 
 
 def transaction_or_none(model: LedgerEntry | None) -> CreditTransaction | None:
@@ -186,7 +190,7 @@ class MeteredUsage:
 
     @strawberry.field
     def amount_cents(self) -> int:
-        return self.model.amount_cents
+        return int(self.model.amount_cents)
 
     @strawberry.field
     def created_at(self) -> datetime:

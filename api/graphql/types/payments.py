@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
+from typing import cast
 
 import strawberry
 
@@ -30,11 +32,11 @@ class Payment:
 
     @strawberry.field
     def credits(self) -> int:
-        return self.model.credits
+        return int(self.model.credits)
 
     @strawberry.field
     def amount_cents(self) -> int:
-        return self.model.amount_cents
+        return int(self.model.amount_cents)
 
     @strawberry.field
     def currency(self) -> str:
@@ -54,7 +56,7 @@ class Payment:
     async def card(self, info: CtxInfo) -> Card | None:
         if self.model.card_id is None:
             return None
-        return card_or_none(await info.context.cards.load(self.model.card_id))
+        return card_or_none(await info.context.cards.load(cast(uuid.UUID, self.model.card_id)))
 
     @strawberry.field
     def created_at(self) -> datetime:
@@ -139,7 +141,7 @@ class Invoice:
 
     @strawberry.field(description="What is charged: this month's usage plus any amount carried in.")
     def amount_cents(self) -> int:
-        return self.model.amount_cents
+        return int(self.model.amount_cents)
 
     @strawberry.field(
         description="Cents of earlier months carried into this invoice, each under the "
