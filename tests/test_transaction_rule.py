@@ -89,12 +89,12 @@ def watched(gateway_name: str) -> WatchedSandbox:
 async def client(
     app: Starlette, settings: Settings, watched: WatchedSandbox
 ) -> AsyncIterator[httpx.AsyncClient]:
-    """An app on the session's database (``app`` holds it open) with the watched gateway."""
+    """An app on the session's database with the watched gateway. Its lifespan is not run:
+    ``app``'s holds the database open (a second one would close it when it ends)."""
     application = create_app(settings, gateway=watched, queue=InProcessQueue(all_functions()))
-    async with application.router.lifespan_context(application):
-        transport = httpx.ASGITransport(app=application)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
-            yield c
+    transport = httpx.ASGITransport(app=application)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+        yield c
 
 
 async def gql(
