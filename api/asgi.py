@@ -1,5 +1,48 @@
-"""ASGI entry point for uvicorn: ``uvicorn api.asgi:app``."""
+"""The composition root: wires the jobs (``workers``) and the in-process cron into the
+app. ASGI entry point for uvicorn: ``uvicorn api.asgi:app``. The only module of ``api``
+that imports ``workers``."""
 
-from api.app import create_app
+from __future__ import annotations
 
-app = create_app()
+import asyncio
+import logging
+from typing import Any
+
+from starlette.applications import Starlette
+
+from api import app as assembly
+from runtime import jobids
+from runtime.queue import InProcessQueue
+from runtime.settings import Settings
+from workers.jobs import PERIODIC, all_functions
+
+log = logging.getLogger(__name__)
+
+
+async def run_periodic(queue: InProcessQueue, settings: Settings) -> None:
+    """The embedded default's cron: the periodic jobs arq would run, every few seconds."""
+    tick = 0
+    while True:
+        await asyncio.sleep(settings.periodic_seconds)
+        tick += 1
+        for name, minutes in PERIODIC.items():
+            if (tick - 1) % minutes == 0:
+                try:
+                    await queue.enqueue(name, job_id=jobids.cron_tick(name, tick))
+                except Exception:  # the ticker outlives any one tick (the jobs log their own)
+                    log.exception("could not start the periodic job %s", name)
+
+
+def create_app(settings: Settings | None = None, **parts: Any) -> Starlette:
+    """``api.app.create_app`` with the jobs and the cron wired in (``parts``: gateway,
+    queue, live, as there)."""
+    return assembly.create_app(settings, jobs=all_functions(), cron=run_periodic, **parts)
+
+
+def __getattr__(name: str) -> Starlette:
+    """``app``, made on first use (uvicorn reads it; importing ``create_app`` makes none)."""
+    if name != "app":
+        raise AttributeError(name)
+    application = create_app()
+    globals()["app"] = application
+    return application

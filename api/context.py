@@ -48,6 +48,17 @@ async def _load_members(keys: Sequence[tuple[str, str]]) -> list[Member | None]:
 
 
 @dataclass
+class Services:
+    """What the app holds for its lifetime (typed, instead of loose ``app.state`` keys)."""
+
+    settings: Settings
+    gateway: PaymentGateway
+    book: PriceBook
+    queue: JobQueue
+    live: Broadcaster  # in process in the embedded default; Redis pub/sub with arq
+
+
+@dataclass
 class Context:
     principal: Principal
     settings: Settings

@@ -52,8 +52,9 @@ _UNAVAILABLE_TYPES: tuple[type[BaseException], ...] = (
     OSError,  # refused, reset
     TimeoutError,
     asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,  # "connection is closed", "connection was closed in the middle"
-    asyncpg.InternalClientError,
+    # "connection is closed", "connection was closed in the middle"
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
 )

@@ -17,7 +17,7 @@ from starlette.staticfiles import StaticFiles
 from billing.payments.gateways.sandbox import SandboxGateway
 
 if TYPE_CHECKING:
-    from api.app import Services
+    from api.context import Services
 
 STATIC = Path(__file__).with_name("static")
 PAGE_DIR = STATIC / "billing"

@@ -6,8 +6,9 @@ repeated (``types=USAGE&types=GRANT``) or comma-separated (``types=USAGE,GRANT``
 are the GraphQL history's, in its order (newest first), read in keyset-paginated chunks
 and written as they come, so a report of any size is held one chunk at a time.
 
-Who may read it is who may read ``creditAccount``: an admin (their own account), or
-billing staff naming ``accountId``. The bearer token is the GraphQL one.
+Who may read it is who may read ``creditAccount`` (one rule:
+``billing.accounts.account_to_show``): an admin (their own account), or billing staff
+naming ``accountId``. The bearer token is the GraphQL one.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from api import ids, permissions
 from api.auth import AuthError, Principal, authenticate, bearer_token
 from api.permissions import Reach
-from billing import history
-from billing.accounts import ACCOUNT_ID_RULE, valid_account_id
+from billing import clock, history
+from billing.accounts import ACCOUNT_ID_RULE, AccountNotVisible, Unseen, account_to_show
 from billing.enums import ProcessType, Role, TransactionType
 from billing.errors import Validator
 from billing.models import LedgerEntry
@@ -161,8 +162,8 @@ def _time(params: QueryParams, name: str) -> datetime | None:
             f"{name} must be an RFC 3339 date-time such as 2026-03-01T00:00:00Z, not {raw!r}"
         ) from None
     try:
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-    except OverflowError:  # near year 1 or 9999, the offset takes it out of range
+        return clock.utc(value)
+    except ValueError:  # near year 1 or 9999, the offset takes it out of range
         raise BadRequest(f"{name} is out of range in UTC: {raw!r}") from None
 
 
@@ -192,18 +193,22 @@ REPORT = "GET /reports/transactions.csv"  # its row in api.permissions.TABLE
 
 def target_account(principal: Principal, requested: str | None) -> str:
     """Whose history the caller may export (``PermissionError``: 403)."""
-    if requested is not None and not valid_account_id(requested):
-        raise BadRequest(ACCOUNT_ID_RULE)
     scope = permissions.reach(principal, REPORT)
     if scope is None:
         raise PermissionError("Only account admins may export the account's transactions.")
-    if requested is None or (requested == principal.account_id and principal.has(Role.ADMIN)):
-        if not principal.has(Role.ADMIN):
-            raise BadRequest("billing staff must name an accountId")
-        return principal.account_id
-    if scope is Reach.ANY:
-        return requested
-    raise PermissionError("You may export only your own account's transactions.")
+    try:
+        return account_to_show(
+            principal.account_id,
+            requested,
+            is_admin=principal.has(Role.ADMIN),
+            sees_any=scope is Reach.ANY,
+        )
+    except AccountNotVisible as exc:
+        if exc.reason is Unseen.INVALID_ID:
+            raise BadRequest(ACCOUNT_ID_RULE) from None
+        if exc.reason is Unseen.UNNAMED:
+            raise BadRequest("billing staff must name an accountId") from None
+        raise PermissionError("You may export only your own account's transactions.") from None
 
 
 # ---------------------------------------------------------------- the endpoint

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from enum import Enum
 
 from tortoise.backends.base.client import TransactionalDBClient
 
@@ -27,6 +28,37 @@ ACCOUNT_ID_RULE = f"accountId must be 1 to {MAX_ACCOUNT_ID} printable characters
 def valid_account_id(account_id: str) -> bool:
     """The one rule for an account id, on every path (tokens, queries, reports, spends)."""
     return _id_ok(account_id, MAX_ACCOUNT_ID)
+
+
+class Unseen(Enum):
+    """Why a caller may not see the account it asked for (each edge words it its own way)."""
+
+    INVALID_ID = "invalid id"  # not an account id at all (bad input)
+    UNNAMED = "unnamed"  # billing staff have no account of their own: they must name one
+    NOT_YOURS = "not yours"  # another account, and the caller may see only its own
+
+
+class AccountNotVisible(Exception):
+    def __init__(self, reason: Unseen) -> None:
+        super().__init__(reason.value)
+        self.reason = reason
+
+
+def account_to_show(
+    own_account_id: str, requested: str | None, *, is_admin: bool, sees_any: bool
+) -> str:
+    """The one rule of who may see an account (``creditAccount``, the CSV report): an
+    admin sees its own account (named or not), a caller that may see any account (billing
+    staff) sees the one it names. ``AccountNotVisible`` says why not."""
+    if requested is None or (requested == own_account_id and is_admin):
+        if not is_admin:
+            raise AccountNotVisible(Unseen.UNNAMED)
+        return own_account_id
+    if not sees_any:
+        raise AccountNotVisible(Unseen.NOT_YOURS)
+    if not valid_account_id(requested):
+        raise AccountNotVisible(Unseen.INVALID_ID)
+    return requested
 
 
 def validate_account_id(v: Validator, account_id: str, *field: str) -> None:

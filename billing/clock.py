@@ -28,3 +28,13 @@ def travel(to: datetime) -> Iterator[None]:
 def offset() -> timedelta:
     """How far ``now()`` is from the real clock (zero outside time-travelling tests)."""
     return _offset
+
+
+def utc(value: datetime) -> datetime:
+    """``value`` in UTC: any offset is converted, none means UTC already (SQLite compares
+    stored times as UTC text). ``ValueError`` when the offset takes it past the first or
+    last representable time (9999-12-31T23:00:00-05:00, say)."""
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"{value.isoformat()} is out of range in UTC") from None

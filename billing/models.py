@@ -327,6 +327,8 @@ class Notification(Model):
 class Invoice(Model):
     """A month of metered usage, charged to the card on file."""
 
+    lines: fields.ReverseRelation[InvoiceLine]  # InvoiceLine.invoice's related_name
+
     id = fields.UUIDField(primary_key=True)
     account: fields.ForeignKeyRelation[Account] = fields.ForeignKeyField(
         "billing.Account", related_name="invoices", on_delete=fields.RESTRICT

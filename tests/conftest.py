@@ -17,7 +17,7 @@ import pytest
 import pytest_asyncio
 from starlette.applications import Starlette
 
-from api.app import create_app
+from api.asgi import create_app
 from api.auth import issue_token
 from billing.accounts import forget_cached_accounts
 from billing.enums import Role

@@ -220,7 +220,7 @@ def test_app_with_job_queue_arq_sends_jobs_to_redis(
     lifespan owns the ORM, so a second one can't run inside this test session)."""
     script = (
         "import asyncio\n"
-        "from api.app import create_app\n"
+        "from api.asgi import create_app\n"
         "from runtime.db import migrate\n"
         "from runtime.settings import get_settings\n"
         "from runtime.queue import ArqQueue\n"

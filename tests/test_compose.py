@@ -311,7 +311,7 @@ def test_every_command_is_a_real_entry_point(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_health_checks_use_the_apps_own_routes() -> None:
-    from api.app import create_app
+    from api.asgi import create_app
 
     app = create_app(Settings(_env_file=None))  # type: ignore[call-arg]
     routes = {getattr(route, "path", None) for route in app.routes}

@@ -22,7 +22,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
 from api.__main__ import connection_limits
-from api.app import create_app
+from api.asgi import create_app
 from api.auth import Principal, issue_token
 from api.context import Context
 from api.server import BoundedH11Protocol

@@ -354,7 +354,7 @@ async def test_schemathesis_fuzz(
 @pytest.fixture
 def make_app(app: Starlette, settings: Settings, harness: GatewayHarness) -> Callable[..., Any]:
     """An app with other settings, on the session's database (``app`` holds it open)."""
-    from api.app import create_app
+    from api.asgi import create_app
 
     def make(**update: Any) -> Starlette:
         changed = settings.model_copy(update=update)

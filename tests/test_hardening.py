@@ -142,7 +142,7 @@ MakeApp = Callable[..., Starlette]
 @pytest.fixture
 def make_app(app: Starlette, settings: Settings, harness: GatewayHarness) -> MakeApp:
     """An app with other settings, on the session's database (``app`` holds it open)."""
-    from api.app import create_app
+    from api.asgi import create_app
 
     def make(**update: Any) -> Starlette:
         changed = settings.model_copy(update=update)
@@ -206,7 +206,7 @@ async def test_unexpected_exceptions_are_masked(
     async def broken(account_id: str) -> Any:
         raise RuntimeError("connection to db-primary.internal:5432 refused (password=hunter2)")
 
-    monkeypatch.setattr("api.graphql.schema.get_account", broken)
+    monkeypatch.setattr("api.graphql.account.get_account", broken)
     with caplog.at_level(logging.ERROR):
         response = await admin.raw(ops.BALANCE)
     assert response.status_code == 200
@@ -251,7 +251,7 @@ async def test_unexpected_failures_answer_as_failures_over_graphql_response_json
     async def post(query: str) -> Any:
         return await http.post("/graphql", json={"query": query}, headers=headers)
 
-    monkeypatch.setattr("api.graphql.schema.get_account", broken)
+    monkeypatch.setattr("api.graphql.account.get_account", broken)
     before = _unexpected("INTERNAL_SERVER_ERROR")
     response = await post(ops.BALANCE)
     assert response.status_code == 500, response.text
@@ -264,7 +264,7 @@ async def test_unexpected_failures_answer_as_failures_over_graphql_response_json
     assert plain.status_code == 200 and plain.json()["data"] is None
     assert plain.json()["errors"][0]["extensions"]["code"] == "INTERNAL_SERVER_ERROR"
 
-    monkeypatch.setattr("api.graphql.schema.get_account", busy)
+    monkeypatch.setattr("api.graphql.account.get_account", busy)
     response = await post(ops.BALANCE)
     assert response.status_code == 503, response.text
     (error,) = response.json()["errors"]
@@ -356,7 +356,7 @@ async def test_a_failure_before_graphql_runs_answers_as_a_coded_failure(
         raise DatabaseUnavailable("no database connection became free within 10 s")
 
     admin = caller(account_id, Role.ADMIN, email="a@example.com")
-    monkeypatch.setattr("api.app.record_member", unavailable)
+    monkeypatch.setattr("api.endpoint.record_member", unavailable)
     before = _unexpected("SERVICE_UNAVAILABLE")
     response = await admin.raw(ops.BALANCE)
     assert response.status_code == 503, response.text

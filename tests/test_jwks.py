@@ -22,7 +22,7 @@ import pytest
 from pydantic import ValidationError
 from starlette.applications import Starlette
 
-from api.app import create_app
+from api.asgi import create_app
 from api.auth import AuthError, authenticate, issue_token, jwks_keys, verify_token
 from billing.enums import Role
 from runtime.queue import InProcessQueue

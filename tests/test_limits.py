@@ -31,7 +31,7 @@ MakeApp = Callable[..., Starlette]
 @pytest.fixture
 def make_app(app: Starlette, settings: Settings, harness: GatewayHarness) -> MakeApp:
     """An app with other settings, on the session's database (``app`` holds it open)."""
-    from api.app import create_app
+    from api.asgi import create_app
 
     def make(**update: Any) -> Starlette:
         changed = settings.model_copy(update=update)
@@ -80,8 +80,8 @@ async def test_a_fragment_bomb_over_the_websocket_path_is_refused_too(
     app: Starlette, settings: Settings
 ) -> None:
     """The same validation runs for the websocket's operations (Strawberry's ``stream``)."""
-    from api.app import ANONYMOUS
     from api.context import Context
+    from api.endpoint import ANONYMOUS
 
     services = app.state.services
     schema = app.routes[0].endpoint.graphql.schema  # type: ignore[attr-defined]
@@ -104,7 +104,7 @@ async def test_an_operation_over_its_time_budget_is_stopped(
 ) -> None:
     """A slow operation is cancelled at the budget with a TIMEOUT error, and the process
     serves others meanwhile."""
-    import api.graphql.schema
+    import api.graphql.account
 
     release = asyncio.Event()
 
@@ -112,7 +112,7 @@ async def test_an_operation_over_its_time_budget_is_stopped(
         await release.wait()  # never set: only the budget ends it
         raise AssertionError("unreachable")
 
-    monkeypatch.setattr(api.graphql.schema, "get_account", stuck)
+    monkeypatch.setattr(api.graphql.account, "get_account", stuck)
     application = make_app(operation_timeout_seconds=0.5)
     token = issue_token(settings, account_id="acct-slow", user_id="u", roles=[Role.ADMIN])
     async with client(application) as c:
@@ -242,14 +242,14 @@ async def test_the_time_budget_holds_over_the_websocket_path_too(
 ) -> None:
     """Queries and mutations over the socket run through Strawberry's ``stream``: the
     same budget applies there."""
-    import api.graphql.schema
+    import api.graphql.account
     from api.auth import Principal
     from api.context import Context
 
     async def stuck(account_id: str) -> Any:
         await asyncio.Event().wait()
 
-    monkeypatch.setattr(api.graphql.schema, "get_account", stuck)
+    monkeypatch.setattr(api.graphql.account, "get_account", stuck)
     application = make_app(operation_timeout_seconds=0.5)
     services = application.state.services
     schema = application.routes[0].endpoint.graphql.schema  # type: ignore[attr-defined]

@@ -23,7 +23,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
-from api.app import create_app
+from api.asgi import create_app
 from api.auth import issue_token
 from billing.enums import Role
 from runtime.live import BalanceEvent, RedisBroadcaster, channel_prefix

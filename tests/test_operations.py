@@ -249,7 +249,7 @@ async def test_readyz_reports_redis_down_as_degraded_not_unready(
     """With Redis gone every request still succeeds (jobs are queued again by the sweep):
     /readyz says so in its body and its metric, and stays 200, so a load balancer keeps
     every replica in."""
-    from api.app import create_app
+    from api.asgi import create_app
     from runtime.live import InProcessBroadcaster
 
     arq_settings = settings.model_copy(update={"job_queue": "arq"})

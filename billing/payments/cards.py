@@ -1,8 +1,9 @@
 """Cards on file. The gateway holds the card; we keep brand, last4, expiry and address.
 
-Gateway calls happen outside the database transaction; the database change happens in
-the caller's transaction, under the account lock, so the last-card rule holds under
-concurrency.
+Every flow here that calls the gateway owns its transactions and never holds one across
+a gateway call (the transaction rule, ``api/graphql/run.py``): the gateway call comes
+first (or after commit), and the database change runs in its own short transaction,
+under the account lock, so the primary and last-card rules hold under concurrency.
 """
 
 from __future__ import annotations
@@ -32,14 +33,17 @@ _PM_ID = re.compile(r"^pm_[A-Za-z0-9_]{1,250}$")
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class AddressInput:
-    line1: str | None = None
-    line2: str | None = None
-    city: str | None = None
-    state: str | None = None
-    postal_code: str | None = None
-    country: str | None = None
+def address_of(card: Card) -> Address | None:
+    """The card's billing address (None when none of it is known)."""
+    address = Address(
+        card.address_line1,
+        card.address_line2,
+        card.address_city,
+        card.address_state,
+        card.address_postal_code,
+        card.address_country,
+    )
+    return None if address == Address() else address
 
 
 def _not_found() -> Exception:
@@ -155,7 +159,7 @@ def _check_update(
     exp_month: int | None,
     exp_year: int | None,
     cardholder_name: str | None,
-    address: AddressInput | None,
+    address: Address | None,
 ) -> None:
     now = sql.now()
     if exp_month is not None and not 1 <= exp_month <= 12:
@@ -190,9 +194,10 @@ async def update(
     exp_month: int | None,
     exp_year: int | None,
     cardholder_name: str | None,
-    address: AddressInput | None,
+    address: Address | None,
 ) -> Card:
-    """Update expiry, name or address, at the gateway and here."""
+    """Update expiry, name or address: at the gateway first, then here (its own
+    transaction, none open during the gateway call)."""
     v = Validator()
     _check_update(v, exp_month, exp_year, cardholder_name, address)
     v.check()
@@ -202,25 +207,13 @@ async def update(
     now = sql.now()
     if (year, month) < (now.year, now.month):
         raise fail(ErrorCode.VALIDATION, "The card would already be expired.", "expYear")
-    gateway_address = (
-        Address(
-            address.line1,
-            address.line2,
-            address.city,
-            address.state,
-            address.postal_code,
-            address.country,
-        )
-        if address is not None
-        else None
-    )
     try:
         await gateway.update_card(
             card.gateway_payment_method_id,
             exp_month=exp_month,
             exp_year=exp_year,
             cardholder_name=cardholder_name,
-            address=gateway_address,
+            address=address,
         )
     except CardRejected as exc:
         raise fail(ErrorCode.CARD_DECLINED, exc.message, "cardId") from exc
@@ -231,25 +224,30 @@ async def update(
         card.address_line1, card.address_line2 = address.line1, address.line2
         card.address_city, card.address_state = address.city, address.state
         card.address_postal_code, card.address_country = address.postal_code, address.country
-    await card.save()
+    async with in_transaction():
+        await card.save()
     return card
 
 
 async def set_primary(
     gateway: PaymentGateway, *, card_id: uuid.UUID | None, scope_account_id: str | None
 ) -> Card:
+    """Make a card the primary: the gateway's default first, then here (its own
+    transaction, under the account lock; a card removed meanwhile is not found)."""
     card = await get_card(card_id, scope_account_id)
     account = await Account.get(id=card.account_id)
     if account.gateway_customer_id:
         await gateway.set_default_card(account.gateway_customer_id, card.gateway_payment_method_id)
-    await posting.lock_account(card.account_id)
-    await (
-        Card.filter(account_id=card.account_id, is_primary=True)
-        .exclude(id=card.id)
-        .update(is_primary=False)
-    )
-    card.is_primary = True
-    await card.save(update_fields=["is_primary"])
+    async with in_transaction():
+        await posting.lock_account(card.account_id)
+        card = await get_card(card.id, scope_account_id)
+        await (
+            Card.filter(account_id=card.account_id, is_primary=True)
+            .exclude(id=card.id)
+            .update(is_primary=False)
+        )
+        card.is_primary = True
+        await card.save(update_fields=["is_primary"])
     return card
 
 
