@@ -31,8 +31,8 @@ from strawberry.types import ExecutionResult
 from strawberry.types.unset import UNSET, UnsetType
 from tortoise.contrib.starlette import RegisterTortoise
 
+from api import encoding, page
 from api import metrics as api_metrics
-from api import page
 from api.auth import AuthError, Principal, authenticate, bearer_token
 from api.bodies import BoundedBody
 from api.context import Context
@@ -103,6 +103,9 @@ class CreditsGraphQL(GraphQL[Context, None]):
         if not isinstance(value, dict | list):  # Strawberry would answer a bare 500
             raise HTTPException(400, "The request body must be a JSON object")
         return value  # a list (a batch) is refused by Strawberry: batching is off
+
+    def encode_json(self, data: object) -> bytes:
+        return encoding.dumps(data)  # orjson
 
     async def process_result(self, request: Request, result: ExecutionResult) -> Any:
         """With ``application/graphql-response+json``, real status codes (``api.errors``)."""
