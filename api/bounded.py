@@ -71,8 +71,11 @@ class Documents(SchemaExtension):
     ``AddValidationRules`` and ``ValidationCache`` do, with suggestions hidden when asked):
 
     - parsing stops past ``max_tokens`` tokens (a syntax error), before any cost is paid;
-    - validation runs GraphQL's rules and ``rules`` (the document's cost included:
-      ``api.cost.CostLimit``)."""
+    - validation runs ``rules``: GraphQL's own and ours (the document's cost included:
+      ``api.cost.CostLimit``).
+
+    Strawberry parses and validates only what no extension did, so its own
+    ``parse_options`` and ``validation_rules`` are not used."""
 
     def __init__(
         self,
@@ -85,12 +88,6 @@ class Documents(SchemaExtension):
         self.rules = rules
         self.hide_suggestions = hide_suggestions
         self.max_tokens = max_tokens
-
-    def on_operation(self) -> Iterator[None]:
-        context = self.execution_context
-        context.parse_options["max_tokens"] = self.max_tokens
-        context.validation_rules = self.rules
-        yield
 
     def on_parse(self) -> Iterator[None]:
         context = self.execution_context
