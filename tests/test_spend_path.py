@@ -183,3 +183,44 @@ async def test_a_remembered_token_is_refused_once_its_key_leaves_the_jwks(
         assert idp.hits == 2
         response = await post(c, token)
         assert response.status_code == 401, response.text
+
+
+# ---------------------------------------------------------------- JSON out, the heap
+
+
+def test_json_out_is_compact_and_takes_what_orjson_refuses() -> None:
+    import json
+    import logging
+
+    from api.encoding import dumps
+    from billing import logs
+
+    data = {"data": {"consumeCredits": {"balance": 7, "errors": []}}, "é": "ü"}
+    assert json.loads(dumps(data)) == data
+    assert b" " not in dumps(data)
+    # A lone surrogate (quoted back in a syntax error, say): the standard encoder's way.
+    assert json.loads(dumps({"message": "bad \ud800"})) == {"message": "bad \ud800"}
+    assert json.loads(dumps({"n": 2**70})) == {"n": 2**70}
+    record = logging.LogRecord("t", logging.INFO, __file__, 1, "text %s", ("\ud800",), None)
+    line = json.loads(logs.json_formatter().format(record))
+    assert line["message"] == "text \ud800"
+    assert line["level"] == "INFO"
+
+
+def test_the_served_process_freezes_its_start_up_heap() -> None:
+    """The ASGI entry point (what uvicorn imports) settles the heap once the app is built."""
+    import subprocess
+    import sys
+
+    from api.runtime import GEN0_THRESHOLD
+
+    probe = "import gc, api.asgi; print(gc.get_freeze_count() > 0, gc.get_threshold()[0])"
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "CREDITS_ENV": "development"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", str(GEN0_THRESHOLD)]
