@@ -18,6 +18,7 @@ import functools
 import logging
 import re
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import strawberry
@@ -45,13 +46,13 @@ PARSE_CACHE_SIZE = 256
 def _validate(
     schema: GraphQLSchema,
     document: DocumentNode,
-    rules: tuple[type[ASTValidationRule], ...],
+    rules: RuleSet,
     hide_suggestions: bool,
 ) -> list[GraphQLError]:
     return validate(
         schema,
         document,
-        (*rules, MaybeNullValidationRule, OneOfInputValidationRule),
+        (*rules.rules, MaybeNullValidationRule, OneOfInputValidationRule),
         hide_suggestions=hide_suggestions,
     )
 
@@ -79,7 +80,7 @@ class Documents(SchemaExtension):
 
     def __init__(
         self,
-        rules: tuple[type[ASTValidationRule], ...],
+        rules: RuleSet,
         *,
         hide_suggestions: bool,
         max_tokens: int,
@@ -104,9 +105,17 @@ class Documents(SchemaExtension):
         yield
 
 
-def all_rules(rules: Iterable[type[ASTValidationRule]]) -> tuple[type[ASTValidationRule], ...]:
-    """GraphQL's own validation rules, then ``rules``."""
-    return (*specified_rules, *rules)
+@dataclass(frozen=True, eq=False)
+class RuleSet:
+    """Validation rules, compared by identity: a key of the validation cache that costs
+    nothing to hash (a tuple of thirty rules is hashed anew on every lookup)."""
+
+    rules: tuple[type[ASTValidationRule], ...]
+
+
+def all_rules(rules: Iterable[type[ASTValidationRule]]) -> RuleSet:
+    """GraphQL's own validation rules, then ``rules`` (made once per schema)."""
+    return RuleSet((*specified_rules, *rules))
 
 
 #: Codes of errors that are the client's doing (logged at INFO, without a traceback).
