@@ -11,6 +11,7 @@ from typing import Any
 from starlette.applications import Starlette
 
 from api import app as assembly
+from api.heap import settle_heap
 from runtime import jobids
 from runtime.queue import InProcessQueue
 from runtime.settings import Settings
@@ -44,5 +45,6 @@ def __getattr__(name: str) -> Starlette:
     if name != "app":
         raise AttributeError(name)
     application = create_app()
+    settle_heap()  # what exists now lives as long as the process: api/heap.py
     globals()["app"] = application
     return application

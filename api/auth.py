@@ -16,6 +16,7 @@ import asyncio
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -139,14 +140,22 @@ class JwksKeys:
     def cached(self, kid: str) -> RSAPublicKey | None:
         return self._keys.get(kid)
 
-    async def key(self, kid: str) -> RSAPublicKey:
-        """The public key named ``kid``; raises ``AuthError`` when there is none."""
+    def known(self, kid: str) -> RSAPublicKey | None:
+        """The key named ``kid`` if it is in the set at hand (no I/O); once the set is
+        older than ``max_age`` a refresh starts behind the caller (in the event loop)."""
         key = self._keys.get(kid)
-        now = time.monotonic()
         if key is not None:
+            now = time.monotonic()
             if now - self._fetched_at > self.max_age and now >= self._retry_at:
                 self._start_refresh()  # refresh behind the request
+        return key
+
+    async def key(self, kid: str) -> RSAPublicKey:
+        """The public key named ``kid``; raises ``AuthError`` when there is none."""
+        key = self.known(kid)
+        if key is not None:
             return key
+        now = time.monotonic()
         if now - self._refetched_at < self.cooldown:
             raise AuthError("unknown signing key")
         had_keys = bool(self._keys)  # the first fetch of the process is not a "refetch"
@@ -223,7 +232,9 @@ def _header(token: str) -> tuple[str, str | None]:
     return alg, kid
 
 
-def _decode(token: str, key: Any, algorithm: str, settings: Settings) -> Principal:
+def _decode(
+    token: str, key: Any, algorithm: str, settings: Settings
+) -> tuple[Principal, dict[str, Any]]:
     audience, issuer = settings.credits_jwt_audience, settings.credits_jwt_issuer
     required = ["exp", "sub"] + (["aud"] if audience else []) + (["iss"] if issuer else [])
     try:
@@ -238,7 +249,7 @@ def _decode(token: str, key: Any, algorithm: str, settings: Settings) -> Princip
         )
     except jwt.PyJWTError as exc:
         raise AuthError(str(exc)) from exc
-    return principal_from_claims(claims)
+    return principal_from_claims(claims), claims
 
 
 def _refuse(alg: str, settings: Settings) -> AuthError:
@@ -250,32 +261,117 @@ def _refuse(alg: str, settings: Settings) -> AuthError:
     return AuthError(f"token algorithm {alg[:20]!r} is not accepted (only {', '.join(accepted)})")
 
 
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    """A token whose signature and claims were verified, and what it was verified with."""
+
+    principal: Principal
+    expires_at: float  # its ``exp``
+    alg: str
+    kid: str | None
+    key: object  # the RSA public key, or the shared secret
+    audience: str | None
+    issuer: str | None
+
+
+#: Tokens verified, by their text (a bounded LRU): a client sends the same token with
+#: every request until it expires, and a signature check costs more than the rest of a
+#: small request's authentication.
+TOKEN_CACHE_SIZE = 4096
+_verified: OrderedDict[str, _Verified] = OrderedDict()
+
+
+def _key_for(alg: str, kid: str | None, settings: Settings, *, refresh: bool) -> object | None:
+    """The key a token with this header is verified with now (None: it is refused).
+    With ``refresh``, a JWKS older than its ``max_age`` is refreshed behind the caller,
+    as a verification would (so a key the provider removed stops being accepted)."""
+    store = jwks_keys(settings)
+    if alg == JWKS_ALGORITHM and store is not None:
+        if kid is None:
+            return None
+        return store.known(kid) if refresh else store.cached(kid)
+    if alg == "HS256" and settings.hs256_enabled:
+        return settings.jwt_secret
+    return None
+
+
+def _remembered(token: str, settings: Settings, *, refresh: bool = True) -> Principal | None:
+    """The principal of a token verified before, if nothing it was verified against has
+    changed since: it has not expired (with the same leeway), the key that verified it is
+    still the one its header names (a key the JWKS no longer lists, a new shared secret:
+    verified again, so refused), the audience and the issuer asked for are the same."""
+    hit = _verified.get(token)
+    if hit is None:
+        return None
+    fresh = time.time() < hit.expires_at + LEEWAY_SECONDS
+    key = _key_for(hit.alg, hit.kid, settings, refresh=refresh) if fresh else None
+    if (
+        key is None
+        or not (key is hit.key or key == hit.key)
+        or hit.audience != settings.credits_jwt_audience
+        or hit.issuer != settings.credits_jwt_issuer
+    ):
+        del _verified[token]
+        return None
+    _verified.move_to_end(token)
+    return hit.principal
+
+
+def _remember(token: str, alg: str, kid: str | None, key: object, settings: Settings) -> Principal:
+    principal, claims = _decode(token, key, alg, settings)
+    exp = claims.get("exp")
+    if isinstance(exp, int | float):  # required: always
+        _verified[token] = _Verified(
+            principal,
+            float(exp),
+            alg,
+            kid,
+            key,
+            settings.credits_jwt_audience,
+            settings.credits_jwt_issuer,
+        )
+        if len(_verified) > TOKEN_CACHE_SIZE:
+            _verified.popitem(last=False)
+    return principal
+
+
+def forget_verified_tokens() -> None:
+    _verified.clear()
+
+
 async def authenticate(token: str, settings: Settings) -> Principal:
     """Verify signature, expiry and (when configured) audience and issuer; return who is
-    calling. Raises ``AuthError`` (HTTP 401). May fetch the JWKS, off the event loop."""
+    calling. Raises ``AuthError`` (HTTP 401). May fetch the JWKS, off the event loop.
+    A token verified before is not verified again while it is valid (``_remembered``)."""
+    known = _remembered(token, settings)
+    if known is not None:
+        return known
     alg, kid = _header(token)
     store = jwks_keys(settings)
     if alg == JWKS_ALGORITHM and store is not None:
         if kid is None:
             raise AuthError("token header has no 'kid'")
-        return _decode(token, await store.key(kid), JWKS_ALGORITHM, settings)
+        return _remember(token, alg, kid, await store.key(kid), settings)
     if alg == "HS256" and settings.hs256_enabled:
-        return _decode(token, settings.jwt_secret, "HS256", settings)
+        return _remember(token, alg, kid, settings.jwt_secret, settings)
     raise _refuse(alg, settings)
 
 
 def verify_token(token: str, settings: Settings) -> Principal:
     """``authenticate`` for code that can't await: HS256, and RS256 only with a key that
     is already cached (it never fetches the JWKS). Prefer ``authenticate``."""
+    known = _remembered(token, settings, refresh=False)
+    if known is not None:
+        return known
     alg, kid = _header(token)
     store = jwks_keys(settings)
     if alg == JWKS_ALGORITHM and store is not None:
         key = store.cached(kid) if kid is not None else None
         if key is None:
             raise AuthError("unknown signing key")
-        return _decode(token, key, JWKS_ALGORITHM, settings)
+        return _remember(token, alg, kid, key, settings)
     if alg == "HS256" and settings.hs256_enabled:
-        return _decode(token, settings.jwt_secret, "HS256", settings)
+        return _remember(token, alg, kid, settings.jwt_secret, settings)
     raise _refuse(alg, settings)
 
 

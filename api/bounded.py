@@ -17,12 +17,13 @@ import asyncio
 import functools
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import strawberry
 from graphql import ExecutionResult as GraphQLExecutionResult
-from graphql import GraphQLError, GraphQLSchema, execute, validate
+from graphql import GraphQLError, GraphQLSchema, execute, parse, specified_rules, validate
 from graphql.language import DocumentNode
 from graphql.validation import ASTValidationRule
 from strawberry.extensions import SchemaExtension
@@ -36,17 +37,22 @@ DEFAULT_OPERATION_TIMEOUT_SECONDS = 30.0
 _SUGGESTION = re.compile(r"\s*Did you mean [^?]*\?")
 
 
-@functools.lru_cache(maxsize=128)
+#: Distinct documents whose parse (by their text, as Strawberry's ``ParserCache``) and
+#: validation are remembered.
+PARSE_CACHE_SIZE = 256
+
+
+@functools.lru_cache(maxsize=PARSE_CACHE_SIZE)
 def _validate(
     schema: GraphQLSchema,
     document: DocumentNode,
-    rules: tuple[type[ASTValidationRule], ...],
+    rules: RuleSet,
     hide_suggestions: bool,
 ) -> list[GraphQLError]:
     return validate(
         schema,
         document,
-        (*rules, MaybeNullValidationRule, OneOfInputValidationRule),
+        (*rules.rules, MaybeNullValidationRule, OneOfInputValidationRule),
         hide_suggestions=hide_suggestions,
     )
 
@@ -55,24 +61,61 @@ def validation_cache_info() -> Any:
     return _validate.cache_info()
 
 
-class CachedValidation(SchemaExtension):
-    """Strawberry's ``ValidationCache``, with suggestions hidden when asked: a document's
-    validation (its cost included: ``api.cost.CostLimit``) is done once and remembered."""
+@functools.lru_cache(maxsize=PARSE_CACHE_SIZE)
+def _parse(query: str, max_tokens: int) -> DocumentNode:
+    return parse(query, max_tokens=max_tokens)
 
-    def __init__(self, hide_suggestions: bool) -> None:
+
+class Documents(SchemaExtension):
+    """A document's parse and validation, each done once per distinct document and
+    remembered (one extension for what Strawberry's ``MaxTokensLimiter``, ``ParserCache``,
+    ``AddValidationRules`` and ``ValidationCache`` do, with suggestions hidden when asked):
+
+    - parsing stops past ``max_tokens`` tokens (a syntax error), before any cost is paid;
+    - validation runs ``rules``: GraphQL's own and ours (the document's cost included:
+      ``api.cost.CostLimit``).
+
+    Strawberry parses and validates only what no extension did, so its own
+    ``parse_options`` and ``validation_rules`` are not used."""
+
+    def __init__(
+        self,
+        rules: RuleSet,
+        *,
+        hide_suggestions: bool,
+        max_tokens: int,
+    ) -> None:
         super().__init__()
+        self.rules = rules
         self.hide_suggestions = hide_suggestions
+        self.max_tokens = max_tokens
+
+    def on_parse(self) -> Iterator[None]:
+        context = self.execution_context
+        if context.query is not None:
+            context.graphql_document = _parse(context.query, self.max_tokens)
+        yield
 
     def on_validate(self) -> Iterator[None]:
         context = self.execution_context
         assert context.graphql_document is not None
         context.pre_execution_errors = _validate(
-            context.schema._schema,
-            context.graphql_document,
-            tuple(context.validation_rules),
-            self.hide_suggestions,
+            context.schema._schema, context.graphql_document, self.rules, self.hide_suggestions
         )
         yield
+
+
+@dataclass(frozen=True, eq=False)
+class RuleSet:
+    """Validation rules, compared by identity: a key of the validation cache that costs
+    nothing to hash (a tuple of thirty rules is hashed anew on every lookup)."""
+
+    rules: tuple[type[ASTValidationRule], ...]
+
+
+def all_rules(rules: Iterable[type[ASTValidationRule]]) -> RuleSet:
+    """GraphQL's own validation rules, then ``rules`` (made once per schema)."""
+    return RuleSet((*specified_rules, *rules))
 
 
 #: Codes of errors that are the client's doing (logged at INFO, without a traceback).

@@ -92,7 +92,7 @@ class Context:
 
     def permitted(self, operation: str) -> Reach:
         """The account scope ``api.permissions.TABLE`` gives the caller for ``operation``
-        (``Permissions`` refused the operation already otherwise: this is the backstop)."""
+        (``api.guards.Guards`` refused the operation already otherwise: the backstop)."""
         scope = permissions.reach(self.principal, operation)
         if scope is None:
             raise permissions.forbidden(operation)

@@ -25,6 +25,7 @@ from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 from strawberry.types import ExecutionResult
 from strawberry.types.unset import UNSET, UnsetType
 
+from api import encoding
 from api.auth import AuthError, Principal, authenticate, bearer_token
 from api.context import Context, Services
 from api.errors import (
@@ -52,6 +53,9 @@ MAX_OPERATIONS_PER_SOCKET = 20
 
 class CreditsGraphQL(GraphQL[Context, None]):
     """Strawberry's ASGI app with our context (the principal is set by ``GraphQLEndpoint``)."""
+
+    def encode_json(self, data: object) -> bytes:
+        return encoding.dumps(data)  # orjson
 
     def __init__(self, services: Services) -> None:
         super().__init__(

@@ -78,6 +78,13 @@ def code_of(original: BaseException | None) -> str:
 class CodedMaskErrors(MaskErrors):
     """Strawberry's ``MaskErrors``, with ``extensions.code`` and a count of each."""
 
+    def _process_result(self, result: object) -> None:
+        # Strawberry's asks isinstance of a runtime-checkable Protocol first: costly on
+        # every operation, for the few that have errors.
+        errors = getattr(result, "errors", None)
+        if errors:
+            result.errors = self._process_errors(errors)  # type: ignore[attr-defined]
+
     def anonymise_error(self, error: GraphQLError) -> GraphQLError:
         code = code_of(error.original_error)
         UNEXPECTED.labels(code).inc()

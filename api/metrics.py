@@ -13,10 +13,9 @@ import hmac
 import os
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
-from inspect import isawaitable
 from typing import Any
 
-from graphql import FieldNode, GraphQLError, GraphQLSchema, OperationDefinitionNode
+from graphql import GraphQLError, GraphQLSchema
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -29,7 +28,10 @@ from prometheus_client import (
 from prometheus_client import multiprocess as prometheus_multiprocess
 from starlette.requests import Request
 from starlette.responses import Response
-from strawberry.extensions import SchemaExtension
+from strawberry.extensions import FieldExtension, SchemaExtension
+from strawberry.extensions.field_extension import AsyncExtensionResolver
+
+from api.guards import facts_for
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -82,15 +84,9 @@ def _root_fields(context: Any) -> list[str]:
     if document is None:
         return []
     wanted = getattr(context, "_provided_operation_name", None)
-    for definition in document.definitions:
-        if not isinstance(definition, OperationDefinitionNode):
-            continue
-        if wanted is None or (definition.name and definition.name.value == wanted):
-            return [
-                s.name.value
-                for s in definition.selection_set.selections
-                if isinstance(s, FieldNode)
-            ]
+    for name, operation in facts_for(context.query, document).operations:
+        if wanted is None or name == wanted:
+            return list(operation.fields)
     return []
 
 
@@ -146,24 +142,39 @@ def _record_purchase(payload: Any, kwargs: dict[str, Any], error: BaseException 
 
 
 Recorder = Callable[[Any, dict[str, Any], BaseException | None], None]
-_RECORDERS: dict[str, Recorder] = {
-    "consumeCredits": _record_spend,
-    "purchaseCredits": _record_purchase,
-}
 
 
-async def _observe(result: Any, recorder: Recorder, kwargs: dict[str, Any]) -> Any:
-    try:
-        value = await result if isawaitable(result) else result
-    except Exception as exc:
-        recorder(None, kwargs, exc)
-        raise
-    recorder(value, kwargs, None)
-    return value
+class Recorded(FieldExtension):
+    """Counts the outcome of a money mutation (``consumeCredits``, ``purchaseCredits``):
+    a field extension on those fields alone, so no other field pays for it (a schema
+    extension's ``resolve`` hook would wrap every field of every operation)."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        super().__init__()
+        self.recorder = recorder
+
+    async def resolve_async(
+        self, next_: AsyncExtensionResolver, source: Any, info: Any, **kwargs: Any
+    ) -> Any:
+        try:
+            value = await next_(source, info, **kwargs)
+        except Exception as exc:
+            self.recorder(None, kwargs, exc)
+            raise
+        self.recorder(value, kwargs, None)
+        return value
+
+
+def spends() -> Recorded:
+    return Recorded(_record_spend)
+
+
+def purchases() -> Recorded:
+    return Recorded(_record_purchase)
 
 
 class MetricsExtension(SchemaExtension):
-    """Times each operation by name, and counts the outcome of the money mutations."""
+    """Times each operation by the root field it runs (``api.guards.facts_for``)."""
 
     def on_operation(self) -> Iterator[None]:
         started = time.perf_counter()
@@ -178,21 +189,6 @@ class MetricsExtension(SchemaExtension):
         known = _known_fields(context.schema._schema)
         label = operation_label(_root_fields(context), known)
         GRAPHQL_DURATION.labels(label, kind).observe(time.perf_counter() - started)
-
-    def resolve(
-        self, _next: Callable[..., Any], root: Any, info: Any, *args: Any, **kwargs: Any
-    ) -> Any:
-        if info.parent_type.name != "Mutation":
-            return _next(root, info, *args, **kwargs)
-        recorder = _RECORDERS.get(info.field_name)
-        if recorder is None:
-            return _next(root, info, *args, **kwargs)
-        try:
-            result = _next(root, info, *args, **kwargs)
-        except Exception as exc:
-            recorder(None, kwargs, exc)
-            raise
-        return _observe(result, recorder, kwargs)
 
 
 @functools.cache

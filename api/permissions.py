@@ -6,29 +6,25 @@ several roles gets the widest reach any of its roles has *for that operation*: r
 combine into a power neither has alone (billing staff don't spend, and a service spends
 only for its own account, so a token with both still spends only for its own account).
 
-``Permissions`` enforces the table for every operation before anything runs: a root field
+``api.guards.Guards`` enforces the table for every operation before anything runs: a root field
 without a row is refused (a new operation is closed until it has one; a test walks the
 schema for rows). Resolvers ask ``reach`` for the account scope they then apply.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
 from graphql import (
-    DocumentNode,
-    ExecutionResult,
     FieldNode,
     FragmentDefinitionNode,
     FragmentSpreadNode,
     GraphQLError,
     InlineFragmentNode,
-    OperationDefinitionNode,
     SelectionSetNode,
 )
-from strawberry.extensions import SchemaExtension
 
 from api.auth import Principal
 from billing.enums import Role
@@ -101,7 +97,7 @@ def forbidden(operation: str) -> GraphQLError:
     )
 
 
-def _root_fields(
+def root_fields(
     selection_set: SelectionSetNode, fragments: Mapping[str, FragmentDefinitionNode]
 ) -> Iterable[str]:
     seen: set[str] = set()
@@ -117,37 +113,3 @@ def _root_fields(
                 if name not in seen and name in fragments:
                     seen.add(name)
                     stack.append(fragments[name].selection_set)
-
-
-def _operation(document: DocumentNode, name: str | None) -> OperationDefinitionNode | None:
-    operations = [d for d in document.definitions if isinstance(d, OperationDefinitionNode)]
-    if name is None:
-        return operations[0] if len(operations) == 1 else None
-    return next((o for o in operations if o.name and o.name.value == name), None)
-
-
-class Permissions(SchemaExtension):
-    """Refuse an operation any of whose root fields the caller may not run, before
-    anything of it runs (``FORBIDDEN``, no data)."""
-
-    def on_execute(self) -> Iterator[None]:
-        context = self.execution_context
-        document = context.graphql_document
-        principal = getattr(context.context, "principal", None)
-        if document is not None and context.result is None and principal is not None:
-            operation = _operation(document, getattr(context, "_provided_operation_name", None))
-            if operation is not None:
-                root = operation.operation.value.capitalize()  # Query, Mutation, Subscription
-                fragments = {
-                    d.name.value: d
-                    for d in document.definitions
-                    if isinstance(d, FragmentDefinitionNode)
-                }
-                for name in _root_fields(operation.selection_set, fragments):
-                    if name.startswith("__"):
-                        continue  # __typename; introspection has its own switch
-                    coordinate = f"{root}.{name}"
-                    if reach(principal, coordinate) is None:
-                        context.result = ExecutionResult(data=None, errors=[forbidden(coordinate)])
-                        break
-        yield

@@ -31,6 +31,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
+import orjson
 from redis.exceptions import RedisError
 
 from billing.enums import ProcessType, TransactionType
@@ -135,7 +136,7 @@ def encode(entry: LedgerEntry) -> str:
     def opt(value: object) -> str | None:
         return None if value is None else str(value)
 
-    return json.dumps(
+    return orjson.dumps(
         {
             "id": str(entry.id),
             "account_id": entry.account_id,
@@ -151,7 +152,7 @@ def encode(entry: LedgerEntry) -> str:
             "payment_id": opt(entry.payment_id),
             "reverses_entry_id": opt(entry.reverses_entry_id),
         }
-    )
+    ).decode()
 
 
 def decode(data: str | bytes) -> LedgerEntry:
@@ -197,6 +198,9 @@ class RedisBroadcaster:
         self._waiting: dict[str, asyncio.Future[None]] = {}
         self._lock = asyncio.Lock()
         self._outage = Outage("Redis (live balance publish)", log)
+        self._outbox: list[tuple[str, str]] = []  # (channel, event) waiting to be sent
+        self._senders: list[asyncio.Future[None]] = []  # the publishes waiting on them
+        self._sender: asyncio.Task[None] | None = None
 
     @classmethod
     def connect(cls, redis_url: str, prefix: str | None = None) -> RedisBroadcaster:
@@ -210,18 +214,36 @@ class RedisBroadcaster:
         return self.prefix + account_id
 
     async def publish(self, entries: Sequence[LedgerEntry]) -> None:
+        """Returns once the entries were sent (or could not be). Publishes made while
+        another batch is on its way go together in the next one (one pipeline, one round
+        trip), in the order they were made: under load, many spends share a round trip."""
         if not entries:
             return
-        try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for entry in entries:
-                    pipe.publish(self.channel(entry.account_id), encode(entry))
-                await pipe.execute()
-        except Exception as exc:  # committed anyway: listeners catch up with the next event
-            self._outage.failed(exc)  # one warning per outage
-            log.debug("could not publish %d balance change(s): %s", len(entries), exc)
-            return
-        self._outage.recovered()
+        self._outbox.extend((self.channel(e.account_id), encode(e)) for e in entries)
+        sent = asyncio.get_running_loop().create_future()
+        self._senders.append(sent)
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send(), name="live-balance-publish")
+        await sent
+
+    async def _send(self) -> None:
+        while self._outbox:
+            messages, self._outbox = self._outbox, []
+            waiting, self._senders = self._senders, []
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for channel, data in messages:
+                        pipe.publish(channel, data)
+                    await pipe.execute()
+            except Exception as exc:  # committed anyway: listeners catch up with the next event
+                self._outage.failed(exc)  # one warning per outage
+                log.debug("could not publish %d balance change(s): %s", len(messages), exc)
+            else:
+                self._outage.recovered()
+            finally:
+                for sent in waiting:
+                    if not sent.done():
+                        sent.set_result(None)
 
     @asynccontextmanager
     async def listen(self, account_id: str) -> AsyncIterator[Listener]:
@@ -321,6 +343,10 @@ class RedisBroadcaster:
                 waiter.set_result(None)
 
     async def close(self) -> None:
+        if self._sender is not None:
+            with contextlib.suppress(Exception):
+                await self._sender  # what was published is sent first
+            self._sender = None
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):

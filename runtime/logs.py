@@ -9,6 +9,7 @@ tasks, so a job started by a request also knows the request that started it.
 
 from __future__ import annotations
 
+import json
 import logging
 import logging.config
 import sys
@@ -18,7 +19,7 @@ from contextvars import ContextVar
 from typing import Any, Literal
 
 from pythonjsonlogger.core import RESERVED_ATTRS
-from pythonjsonlogger.json import JsonFormatter
+from pythonjsonlogger.orjson import OrjsonFormatter
 
 _context: ContextVar[dict[str, str] | None] = ContextVar("log_context", default=None)
 
@@ -65,8 +66,19 @@ class TextFormatter(logging.Formatter):
         return f"{line} [{bound}]" if bound else line
 
 
+class _JsonFormatter(OrjsonFormatter):
+    """python-json-logger's formatter on orjson, with the standard library's encoder for
+    what orjson refuses (a lone surrogate, an integer past 64 bits): no line is lost."""
+
+    def jsonify_log_record(self, log_data: Any) -> str:
+        try:
+            return super().jsonify_log_record(log_data)
+        except TypeError:
+            return json.dumps(log_data, default=str)
+
+
 def json_formatter() -> logging.Formatter:
-    return JsonFormatter(
+    return _JsonFormatter(
         JSON_FORMAT,
         rename_fields=JSON_RENAME,
         timestamp="time",  # ISO 8601, UTC

@@ -493,6 +493,54 @@ async def test_redis_listeners_follow_only_their_account(shared_redis: str) -> N
         await publishing.close()
 
 
+async def test_concurrent_publishes_share_round_trips_and_keep_their_order(
+    shared_redis: str,
+) -> None:
+    """Spends committing together publish in a few pipelines, not one round trip each;
+    every event arrives, each account's in the order its publishes were made."""
+    from billing.enums import ProcessType, TransactionType
+    from billing.models import LedgerEntry
+    from billing.sql import now
+
+    def entry(account: str, balance: int) -> LedgerEntry:
+        return LedgerEntry(
+            id=uuid.uuid4(),
+            account_id=account,
+            created_at=now(),
+            type=TransactionType.USAGE,
+            process_type=ProcessType.POSTCARD,
+            credits=-1,
+            balance_after=balance,
+            description="Postcard x 1",
+        )
+
+    listening = RedisBroadcaster.connect(REDIS_URL, prefix=shared_redis)
+    publishing = RedisBroadcaster.connect(REDIS_URL, prefix=shared_redis)
+    pipelines = 0
+    pipeline = publishing.redis.pipeline
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal pipelines
+        pipelines += 1
+        return pipeline(*args, **kwargs)
+
+    publishing.redis.pipeline = counted  # type: ignore[method-assign]
+    try:
+        async with listening.listen("a") as a, listening.listen("b") as b:
+            await asyncio.gather(
+                *(publishing.publish([entry("a" if i % 2 else "b", 1000 - i)]) for i in range(60))
+            )
+            async with asyncio.timeout(WAIT):
+                got_a = [(await a.get()).entry for _ in range(30)]
+                got_b = [(await b.get()).entry for _ in range(30)]
+        assert [e.balance_after for e in got_a if e] == [1000 - i for i in range(1, 60, 2)]
+        assert [e.balance_after for e in got_b if e] == [1000 - i for i in range(0, 60, 2)]
+        assert pipelines < 60
+    finally:
+        await listening.close()
+        await publishing.close()
+
+
 async def test_publishing_without_redis_does_not_fail_the_change() -> None:
     dead = RedisBroadcaster.connect(f"redis://127.0.0.1:{free_port()}/0")
     try:

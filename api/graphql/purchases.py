@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import strawberry
 
-from api import ids
+from api import ids, metrics
 from api.graphql.run import Tx, run
 from api.graphql.types import CtxInfo, UserError, user_errors
 from api.graphql.types.cards import card_id
@@ -45,7 +45,7 @@ class ConfirmPurchaseInput:
     payment_id: strawberry.ID
 
 
-@strawberry.mutation
+@strawberry.mutation(extensions=[metrics.purchases()])
 async def purchase_credits(info: CtxInfo, input: PurchaseCreditsInput) -> PurchaseCreditsPayload:
     given = input.card_id is not strawberry.UNSET and input.card_id is not None
     result = await run(

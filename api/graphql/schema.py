@@ -5,28 +5,21 @@ runs through ``api.graphql.run``."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import strawberry
 from graphql import GraphQLError
 from graphql.validation import ASTValidationRule, NoSchemaIntrospectionCustomRule
-from strawberry.extensions import (
-    AddValidationRules,
-    MaxTokensLimiter,
-    ParserCache,
-    SchemaExtension,
-)
+from strawberry.extensions import SchemaExtension
 
-from api.bounded import DEFAULT_OPERATION_TIMEOUT_SECONDS, BoundedSchema, CachedValidation
-from api.context import Context
+from api.bounded import DEFAULT_OPERATION_TIMEOUT_SECONDS, BoundedSchema, Documents, all_rules
 from api.cost import MAX_ALIASES, MAX_FIELDS, MAX_QUERY_DEPTH, CostLimit
 from api.errors import CodedMaskErrors
 from api.graphql import account, cards, live, purchases, spending, staff
 from api.graphql import settings as account_settings
 from api.graphql.types import Role
-from api.guards import FreshToken, OperationNameRequired, SubscriptionsOverWebsocket, TextGuard
+from api.guards import Guards
 from api.metrics import MetricsExtension
-from api.permissions import Permissions
 from runtime.settings import Settings
 
 
@@ -61,16 +54,6 @@ class Subscription:
     credit_balance_changed = live.credit_balance_changed
 
 
-class RawVariables(SchemaExtension):
-    """Keeps the request's variables as sent (before GraphQL fills in defaults)."""
-
-    def on_execute(self) -> Iterator[None]:
-        ctx = self.execution_context.context
-        if isinstance(ctx, Context):
-            ctx.raw_variables = dict(self.execution_context.variables or {})
-        yield
-
-
 def should_mask_error(error: GraphQLError) -> bool:
     """Mask unexpected exceptions; keep GraphQL's own errors and our coded ones."""
     original = error.original_error
@@ -96,20 +79,17 @@ def hardening_rules(settings: Settings | None = None) -> list[type[ASTValidation
 def build_schema(settings: Settings | None = None) -> strawberry.Schema:
     """The schema with its hardening. Introspection follows ``settings`` (on without them:
     ``make schema`` exports the default ``schema`` below)."""
-    rules = hardening_rules(settings)  # made once per schema, so the validation cache hits
+    # Made once per schema, so the validation cache hits.
+    rules = all_rules(hardening_rules(settings))
     hide = settings is not None and not settings.suggestions_enabled
     extensions: list[Callable[[], SchemaExtension]] = [
         MetricsExtension,  # first: it times everything the others do
-        lambda: MaxTokensLimiter(max_token_count=MAX_TOKENS),
-        ParserCache,
-        lambda: AddValidationRules(rules),
-        lambda: CachedValidation(hide_suggestions=hide),
-        FreshToken,  # a websocket's token is checked again for each operation
-        OperationNameRequired,  # several operations need an operationName
-        Permissions,  # api/permissions.py's table, for every operation, before it runs
-        TextGuard,  # no lone surrogate or NUL reaches the database
-        SubscriptionsOverWebsocket,  # a subscription POSTed is refused, not a null
-        RawVariables,  # given_fields reads what the request itself sent
+        # Parsed (at most MAX_TOKENS tokens) and validated once per distinct document.
+        lambda: Documents(rules, hide_suggestions=hide, max_tokens=MAX_TOKENS),
+        # Refusals before anything runs: a websocket's expired token, a missing
+        # operationName, api/permissions.py's table, unstorable text, a POSTed
+        # subscription; and the variables as sent, for given_fields.
+        Guards,
         lambda: CodedMaskErrors(should_mask_error=should_mask_error),
     ]
     return BoundedSchema(

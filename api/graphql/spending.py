@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import strawberry
 
-from api import ids
+from api import ids, metrics
 from api.context import bad_input
 from api.graphql.run import Caller, Tx, run
 from api.graphql.types import CtxInfo, ProcessType, UserError, user_errors
@@ -88,7 +88,7 @@ class MeteredUsagePayload:
     errors: list[UserError] = strawberry.field(default_factory=list)
 
 
-@strawberry.mutation
+@strawberry.mutation(extensions=[metrics.spends()])
 async def consume_credits(info: CtxInfo, input: ConsumeCreditsInput) -> ConsumeCreditsPayload:
     account_id = str(input.account_id)
     result = await run(
