@@ -1,0 +1,241 @@
+"""The layers and the import graph, read from the code (no tool beyond ``ast``).
+
+The dependency rule (issue 14): ``billing`` (the domain) imports nothing of ours;
+``runtime`` (process plumbing) imports ``billing``; ``workers`` (job functions) import
+``runtime`` and ``billing``; ``api`` (the edge) imports ``runtime`` and ``billing``, and
+``workers`` only from ``api/asgi.py``, the composition root. And no import circle between
+any two modules, inside a layer as well.
+
+What counts as an import, decided here:
+
+- Every ``import`` and ``from ... import`` in a module, wherever it is written: at the top,
+  inside a function (a lazy import), under ``if TYPE_CHECKING:``. A type-only import is
+  still a dependency of the code that reads it, so it counts for the layer rule; a lazy
+  import written to dodge a circle is still that circle, so every import counts for the
+  circles as well.
+- ``from billing import invoices`` is an import of the module ``billing.invoices`` when
+  ``invoices`` is a submodule, else of the package ``billing`` (its ``__init__``).
+  ``import a.b.c`` is an import of ``a.b.c``. A package's ``__init__`` that the import
+  system also runs on the way is not counted as an edge of its own (ours are empty or
+  import only below themselves).
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LAYERS = ("api", "billing", "runtime", "workers")
+
+#: Which layers a layer may import (its own included).
+ALLOWED: dict[str, frozenset[str]] = {
+    "billing": frozenset({"billing"}),
+    "runtime": frozenset({"runtime", "billing"}),
+    "workers": frozenset({"workers", "runtime", "billing"}),
+    "api": frozenset({"api", "runtime", "billing"}),
+}
+#: The composition root: the one module of ``api`` that may import ``workers``.
+COMPOSITION_ROOT = "api.asgi"
+
+#: Edges still in the code that another engineer's part of issue 14 removes; each names
+#: its owner. Empty once the issue is done: an edge listed here that is no longer in the
+#: code fails the test, so the list only shrinks.
+KNOWN_CROSSINGS: dict[tuple[str, str], str] = {
+    ("api.app", "workers.jobs"): "issue-14b (api/app.py split; the jobs reach it from api/asgi.py)",
+    ("billing.notifications.outbox", "runtime.mailer"): "issue-14c (this branch, step 2)",
+    ("billing.reconcile", "runtime.db"): "issue-14c (this branch, step 2)",
+    ("billing.reconcile", "runtime.factory"): "issue-14c (this branch, step 2)",
+    ("billing.reconcile", "runtime.settings"): "issue-14c (this branch, step 2)",
+    ("runtime.live", "workers.mail"): "issue-14c (this branch, step 2)",
+}
+#: Circles likewise, by their modules.
+KNOWN_CIRCLES: dict[tuple[str, ...], str] = {
+    ("api.app", "api.page"): "issue-14b (api/app.py split)",
+    (
+        "billing.invoices",
+        "billing.payments.purchases",
+        "billing.recharge.runs",
+        "billing.settlement.booking",
+    ): "issue-14c (this branch, step 2)",
+    ("runtime.live", "workers.context", "workers.mail"): "issue-14c (this branch, step 2)",
+}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def our_modules() -> dict[str, Path]:
+    return {
+        module_name(path): path
+        for layer in LAYERS
+        for path in sorted((ROOT / layer).rglob("*.py"))
+        if "__pycache__" not in path.parts
+    }
+
+
+MODULES = our_modules()
+
+
+def resolve(name: str) -> str | None:
+    """The deepest module of ours that ``name`` (dotted) names, if any."""
+    parts = name.split(".")
+    while parts:
+        candidate = ".".join(parts)
+        if candidate in MODULES:
+            return candidate
+        parts.pop()
+    return None
+
+
+def imports_of(module: str) -> Iterator[tuple[str, int]]:
+    """(imported module of ours, line) for every import statement in ``module``."""
+    path = MODULES[module]
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                target = resolve(alias.name)
+                if target is not None:
+                    yield target, node.lineno
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base_parts = package.split(".")
+                base_parts = base_parts[: len(base_parts) - (node.level - 1)]
+                base = ".".join(base_parts + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            for alias in node.names:
+                target = resolve(f"{base}.{alias.name}") or resolve(base)
+                if target is not None:
+                    yield target, node.lineno
+
+
+def import_graph() -> dict[str, dict[str, int]]:
+    """module -> {imported module -> first line importing it} (self-imports left out)."""
+    graph: dict[str, dict[str, int]] = {}
+    for module in MODULES:
+        edges: dict[str, int] = {}
+        for target, line in imports_of(module):
+            if target != module:
+                edges.setdefault(target, line)
+        graph[module] = edges
+    return graph
+
+
+def layer_of(module: str) -> str:
+    return module.split(".", 1)[0]
+
+
+def may_import(module: str, target: str) -> bool:
+    source, wanted = layer_of(module), layer_of(target)
+    if wanted in ALLOWED[source]:
+        return True
+    return module == COMPOSITION_ROOT and wanted == "workers"
+
+
+def strongly_connected(graph: dict[str, dict[str, int]]) -> list[list[str]]:
+    """Tarjan's strongly connected components (iterative), those of two or more modules."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    on_stack: set[str] = set()
+    stack: list[str] = []
+    found: list[list[str]] = []
+    counter = 0
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work: list[tuple[str, Iterator[str]]] = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = counter
+        counter += 1
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = counter
+                    counter += 1
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return sorted(found)
+
+
+def describe_component(component: list[str], graph: dict[str, dict[str, int]]) -> str:
+    members = set(component)
+    edges = [
+        f"    {source} -> {target}  ({MODULES[source].relative_to(ROOT)}:{line})"
+        for source in component
+        for target, line in sorted(graph[source].items())
+        if target in members
+    ]
+    return "  circle of " + ", ".join(component) + ":\n" + "\n".join(edges)
+
+
+def test_every_layer_is_read() -> None:
+    """The reader finds the modules and their imports (a guard against a test that passes
+    because it reads nothing)."""
+    graph = import_graph()
+    for layer in LAYERS:
+        assert layer in MODULES, layer
+    assert "billing.models" in graph["billing.invoices"]
+    assert "runtime.settings" in graph["runtime.db"]
+    # A submodule named in ``from package import submodule`` is that module.
+    assert any(target.startswith("billing.") for target in graph["workers.invoicing"])
+
+
+def test_imports_follow_the_dependency_rule() -> None:
+    graph = import_graph()
+    crossing = sorted(
+        (module, target, line)
+        for module, edges in graph.items()
+        for target, line in edges.items()
+        if not may_import(module, target) and (module, target) not in KNOWN_CROSSINGS
+    )
+    report = "\n".join(
+        f"  {module} -> {target}  ({MODULES[module].relative_to(ROOT)}:{line})"
+        for module, target, line in crossing
+    )
+    assert not crossing, f"imports across the dependency rule:\n{report}"
+    gone = sorted(edge for edge in KNOWN_CROSSINGS if edge[1] not in graph.get(edge[0], {}))
+    assert not gone, f"no longer in the code, take them off KNOWN_CROSSINGS: {gone}"
+
+
+def test_no_import_circles() -> None:
+    graph = import_graph()
+    found = strongly_connected(graph)
+    circles = [c for c in found if tuple(c) not in KNOWN_CIRCLES]
+    report = "\n".join(describe_component(component, graph) for component in circles)
+    assert not circles, f"import circles (lazy and type-only imports included):\n{report}"
+    gone = sorted(set(KNOWN_CIRCLES) - {tuple(c) for c in found})
+    assert not gone, f"no longer in the code, take them off KNOWN_CIRCLES: {gone}"
+
+
+def test_the_circle_finder_finds_circles() -> None:
+    graph = {"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 1}, "d": {"a": 1}, "e": {}}
+    assert strongly_connected(graph) == [["a", "b", "c"]]
