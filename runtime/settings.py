@@ -10,6 +10,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+import billing
+
 DEV_JWT_SECRET = "development-only-secret-change-me-0123456789"
 MIN_SECRET_BYTES = 32
 
@@ -37,7 +39,7 @@ class Settings(BaseSettings):
     periodic_seconds: float = 60.0  # in-process cron (embedded default); 0 turns it off
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
-    price_book_path: Path = Path(__file__).with_name("pricebook.toml")
+    price_book_path: Path = Path(billing.__file__).with_name("pricebook.toml")
     graphiql_enabled: bool | None = None
     graphql_introspection: bool | None = None  # None: on in development, off in production
     credits_jwks_url: str | None = None  # the identity provider's JWKS (RS256 tokens)
