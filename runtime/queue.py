@@ -28,6 +28,12 @@ class JobQueue(Protocol):
     async def close(self) -> None: ...
 
 
+def notification_job_id(notification_id: int, attempts: int = 0) -> str:
+    """One job id per try: a retry (``attempts`` moved on) is not taken for a finished job
+    whose result arq still keeps, while the same try enqueued twice runs once."""
+    return f"notification:{notification_id}:{attempts}"
+
+
 class InProcessQueue:
     """Runs jobs as asyncio tasks in this process; a job id already running is not re-run."""
 

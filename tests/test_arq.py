@@ -207,10 +207,12 @@ async def test_with_redis_down_spends_succeed_and_the_sweep_recharges_later(
 
 
 def test_worker_settings_register_every_job_and_cron() -> None:
-    from workers.jobs import FUNCTIONS, PERIODIC
+    from runtime.cron import PERIODIC
+    from workers.jobs import FUNCTIONS
 
     assert {f.name for f in functions()} == set(FUNCTIONS)
-    assert {c.name for c in cron_jobs()} == {f"cron:{name}" for name in PERIODIC}
+    assert {c.name for c in cron_jobs()} == {f"cron:{job.name}" for job in PERIODIC}
+    assert {job.name for job in PERIODIC} <= set(FUNCTIONS)
 
 
 def test_app_with_job_queue_arq_sends_jobs_to_redis(

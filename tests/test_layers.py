@@ -44,22 +44,10 @@ COMPOSITION_ROOT = "api.asgi"
 #: code fails the test, so the list only shrinks.
 KNOWN_CROSSINGS: dict[tuple[str, str], str] = {
     ("api.app", "workers.jobs"): "issue-14b (api/app.py split; the jobs reach it from api/asgi.py)",
-    ("billing.notifications.outbox", "runtime.mailer"): "issue-14c (this branch, step 2)",
-    ("billing.reconcile", "runtime.db"): "issue-14c (this branch, step 2)",
-    ("billing.reconcile", "runtime.factory"): "issue-14c (this branch, step 2)",
-    ("billing.reconcile", "runtime.settings"): "issue-14c (this branch, step 2)",
-    ("runtime.live", "workers.mail"): "issue-14c (this branch, step 2)",
 }
 #: Circles likewise, by their modules.
 KNOWN_CIRCLES: dict[tuple[str, ...], str] = {
     ("api.app", "api.page"): "issue-14b (api/app.py split)",
-    (
-        "billing.invoices",
-        "billing.payments.purchases",
-        "billing.recharge.runs",
-        "billing.settlement.booking",
-    ): "issue-14c (this branch, step 2)",
-    ("runtime.live", "workers.context", "workers.mail"): "issue-14c (this branch, step 2)",
 }
 
 
@@ -93,28 +81,35 @@ def resolve(name: str) -> str | None:
     return None
 
 
+def _from_base(node: ast.ImportFrom, package: str) -> str:
+    """The module a ``from ... import`` names (relative ones resolved from ``package``)."""
+    if not node.level:
+        return node.module or ""
+    parts = package.split(".")
+    parts = parts[: len(parts) - (node.level - 1)]
+    return ".".join(parts + ([node.module] if node.module else []))
+
+
+def _targets(node: ast.AST, package: str) -> list[str]:
+    """The modules of ours one statement imports (none if it is not an import)."""
+    if isinstance(node, ast.Import):
+        found = [resolve(alias.name) for alias in node.names]
+    elif isinstance(node, ast.ImportFrom):
+        base = _from_base(node, package)
+        found = [resolve(f"{base}.{alias.name}") or resolve(base) for alias in node.names]
+    else:
+        return []
+    return [target for target in found if target is not None]
+
+
 def imports_of(module: str) -> Iterator[tuple[str, int]]:
     """(imported module of ours, line) for every import statement in ``module``."""
     path = MODULES[module]
     tree = ast.parse(path.read_text(), filename=str(path))
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            for alias in node.names:
-                target = resolve(alias.name)
-                if target is not None:
-                    yield target, node.lineno
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base_parts = package.split(".")
-                base_parts = base_parts[: len(base_parts) - (node.level - 1)]
-                base = ".".join(base_parts + ([node.module] if node.module else []))
-            else:
-                base = node.module or ""
-            for alias in node.names:
-                target = resolve(f"{base}.{alias.name}") or resolve(base)
-                if target is not None:
-                    yield target, node.lineno
+        for target in _targets(node, package):
+            yield target, getattr(node, "lineno", 0)
 
 
 def import_graph() -> dict[str, dict[str, int]]:
@@ -140,50 +135,46 @@ def may_import(module: str, target: str) -> bool:
     return module == COMPOSITION_ROOT and wanted == "workers"
 
 
+class _Tarjan:
+    """Tarjan's strongly connected components (recursive: the module graph is shallow)."""
+
+    def __init__(self, graph: dict[str, dict[str, int]]) -> None:
+        self.graph = graph
+        self.index: dict[str, int] = {}
+        self.low: dict[str, int] = {}
+        self.stack: list[str] = []
+        self.on_stack: set[str] = set()
+        self.components: list[list[str]] = []
+
+    def visit(self, node: str) -> None:
+        self.index[node] = self.low[node] = len(self.index)
+        self.stack.append(node)
+        self.on_stack.add(node)
+        for child in sorted(self.graph[node]):
+            if child not in self.index:
+                self.visit(child)
+                self.low[node] = min(self.low[node], self.low[child])
+            elif child in self.on_stack:
+                self.low[node] = min(self.low[node], self.index[child])
+        if self.low[node] == self.index[node]:
+            self._pop_component(node)
+
+    def _pop_component(self, root: str) -> None:
+        component: list[str] = []
+        while not component or component[-1] != root:
+            member = self.stack.pop()
+            self.on_stack.discard(member)
+            component.append(member)
+        self.components.append(sorted(component))
+
+
 def strongly_connected(graph: dict[str, dict[str, int]]) -> list[list[str]]:
-    """Tarjan's strongly connected components (iterative), those of two or more modules."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    on_stack: set[str] = set()
-    stack: list[str] = []
-    found: list[list[str]] = []
-    counter = 0
-    for root in sorted(graph):
-        if root in index:
-            continue
-        work: list[tuple[str, Iterator[str]]] = [(root, iter(sorted(graph[root])))]
-        index[root] = low[root] = counter
-        counter += 1
-        stack.append(root)
-        on_stack.add(root)
-        while work:
-            node, children = work[-1]
-            child = next(children, None)
-            if child is not None:
-                if child not in index:
-                    index[child] = low[child] = counter
-                    counter += 1
-                    stack.append(child)
-                    on_stack.add(child)
-                    work.append((child, iter(sorted(graph[child]))))
-                elif child in on_stack:
-                    low[node] = min(low[node], index[child])
-                continue
-            work.pop()
-            if work:
-                parent = work[-1][0]
-                low[parent] = min(low[parent], low[node])
-            if low[node] == index[node]:
-                component = []
-                while True:
-                    member = stack.pop()
-                    on_stack.discard(member)
-                    component.append(member)
-                    if member == node:
-                        break
-                if len(component) > 1:
-                    found.append(sorted(component))
-    return sorted(found)
+    """The strongly connected components of two or more modules: the import circles."""
+    tarjan = _Tarjan(graph)
+    for node in sorted(graph):
+        if node not in tarjan.index:
+            tarjan.visit(node)
+    return sorted(c for c in tarjan.components if len(c) > 1)
 
 
 def describe_component(component: list[str], graph: dict[str, dict[str, int]]) -> str:

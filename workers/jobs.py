@@ -14,7 +14,8 @@ from tortoise.transactions import in_transaction
 from billing import changes
 from billing.enums import AutoRechargeTrigger
 from billing.recharge import runs
-from billing.settlement import webhooks
+from billing.settlement import heal, webhooks
+from runtime import cron
 from runtime.live import publish_changes
 from runtime.queue import JobFunction
 from workers.context import JobContext
@@ -108,7 +109,7 @@ async def sweep(ctx: JobContext) -> dict[str, int]:
     for payment_id in stuck:
         try:
             with changes.collect() as changed:
-                await runs.heal_payment(ctx["gateway"], payment_id)
+                await heal.heal_payment(ctx["gateway"], payment_id)
             await after_commit(ctx, changed)
             healed += 1
         except Exception:
@@ -132,16 +133,9 @@ FUNCTIONS: dict[str, JobFunction] = {
     **INVOICE_FUNCTIONS,
 }
 
-#: Periodic jobs and their period in minutes (arq cron in production; an in-process
-#: ticker in the embedded default). Months close at each account's local midnight, so
-#: invoices are looked for every hour.
-PERIODIC: dict[str, int] = {
-    "enqueue_due_schedules": 1,
-    "sweep": 1,
-    "deliver_pending_notifications": 1,
-    "retry_due_invoices": 10,
-    "close_monthly_invoices": 60,
-}
+#: The periodic jobs' periods in minutes by name, for ``api/app.py``'s ticker until it runs
+#: ``runtime.cron.ticking`` (issue-14b); ``runtime.cron.PERIODIC`` is the one list.
+PERIODIC: dict[str, int] = {job.name: job.minutes for job in cron.PERIODIC}
 
 
 def all_functions() -> dict[str, Any]:

@@ -9,17 +9,13 @@ a retry after an SMTP failure, or a claim whose worker died.
 from __future__ import annotations
 
 from billing.notifications import outbox
-from runtime.mailer import Mailer, make_mailer
+from billing.notifications.mailer import Mailer
+from runtime.mailer import make_mailer
 from runtime.queue import JobFunction
+from runtime.queue import notification_job_id as notification_job_id
 from workers.context import JobContext
 
 SWEEP_BATCH = 500
-
-
-def notification_job_id(notification_id: int, attempts: int = 0) -> str:
-    """One job id per try: a retry (``attempts`` moved on) is not taken for a finished job
-    whose result arq still keeps, while the same try enqueued twice runs once."""
-    return f"notification:{notification_id}:{attempts}"
 
 
 def _mailer(ctx: JobContext) -> Mailer:
