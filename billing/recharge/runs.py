@@ -457,6 +457,7 @@ async def payments_to_recheck(limit: int = 100) -> list[uuid.UUID]:
 
 
 async def _book(payment: Payment) -> None:
+    """Settlement's booker for AUTO_RECHARGE payments (``booking.register_booker``)."""
     await settle(payment.id)
 
 
