@@ -16,12 +16,12 @@ from billing.enums import AutoRechargeTrigger
 from billing.recharge import runs
 from billing.settlement import heal, webhooks
 from runtime import cron
+from runtime.jobmetrics import count_recharge, instrument
 from runtime.live import publish_changes
 from runtime.queue import JobFunction
 from workers.context import JobContext
 from workers.invoicing import INVOICE_FUNCTIONS
 from workers.mail import MAIL_FUNCTIONS
-from workers.metrics import count_recharge, instrument
 
 log = logging.getLogger(__name__)
 
@@ -139,5 +139,5 @@ PERIODIC: dict[str, int] = {job.name: job.minutes for job in cron.PERIODIC}
 
 
 def all_functions() -> dict[str, Any]:
-    """Every job function, timed and counted (``workers.metrics``)."""
+    """Every job function, timed and counted (``runtime.jobmetrics``)."""
     return {name: instrument(name, function) for name, function in FUNCTIONS.items()}

@@ -10,13 +10,13 @@ from tortoise import Tortoise
 
 from runtime.cron import PERIODIC
 from runtime.db import tortoise_config
+from runtime.jobmetrics import instrument
+from runtime.jobmetrics import serve as serve_metrics
 from runtime.live import RedisBroadcaster, channel_prefix
 from runtime.queue import ArqQueue
 from runtime.services import build, verify_gateway
 from runtime.settings import Settings, get_settings
 from workers.jobs import FUNCTIONS
-from workers.metrics import instrument
-from workers.metrics import serve as serve_metrics
 
 KEEP_RESULT_SECONDS = 60  # job ids dedupe while a job runs; the database keeps the truth
 
