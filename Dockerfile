@@ -1,5 +1,6 @@
 # The Purchase Credits app image: one image for the API (`python -m api`), the arq worker
-# (`python -m workers`) and the one-shot migration (`python -m api --migrate-only`).
+# (`python -m workers`), the one-shot migration (`python -m api --migrate-only`) and
+# reconciliation (`python -m runtime.reconcile`).
 # docker-compose.yml builds it; see README.md, "Deploying with compose".
 FROM python:3.11-slim
 

@@ -66,7 +66,7 @@ migrate: $(RUN_STAMP)
 ## Check that balances, ledger entries, payments (and Stripe) agree; non-zero exit on any
 ## discrepancy. Scope it with RECONCILE_ARGS="--account acme --account other".
 reconcile: $(RUN_STAMP)
-	$(PY) -m billing.reconcile $(RECONCILE_ARGS)
+	$(PY) -m runtime.reconcile $(RECONCILE_ARGS)
 
 ## Benchmarks (numbers, not tests): make bench, or one of them: make bench BENCH=spend
 ## (spend, latency, recharge, schedule, csv, page). Needs wrk and pgbench (make bench-tools),

@@ -4,7 +4,6 @@ that imports ``workers``."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -12,26 +11,18 @@ from starlette.applications import Starlette
 
 from api import app as assembly
 from api.heap import settle_heap
-from runtime import jobids
+from runtime import cron
 from runtime.queue import InProcessQueue
 from runtime.settings import Settings
-from workers.jobs import PERIODIC, all_functions
+from workers.jobs import all_functions
 
 log = logging.getLogger(__name__)
 
 
 async def run_periodic(queue: InProcessQueue, settings: Settings) -> None:
-    """The embedded default's cron: the periodic jobs arq would run, every few seconds."""
-    tick = 0
-    while True:
-        await asyncio.sleep(settings.periodic_seconds)
-        tick += 1
-        for name, minutes in PERIODIC.items():
-            if (tick - 1) % minutes == 0:
-                try:
-                    await queue.enqueue(name, job_id=jobids.cron_tick(name, tick))
-                except Exception:  # the ticker outlives any one tick (the jobs log their own)
-                    log.exception("could not start the periodic job %s", name)
+    """The embedded default's cron: ``runtime.cron``'s list on the in-process queue, a tick
+    every ``settings.periodic_seconds``."""
+    await cron.run_periodic(queue, settings.periodic_seconds)
 
 
 def create_app(settings: Settings | None = None, **parts: Any) -> Starlette:

@@ -194,43 +194,66 @@ class Guards(SchemaExtension):
         named: str | None = getattr(context, "_provided_operation_name", None)
         operation = facts.operation(named) if facts is not None else None
         result = context.result
-
-        expires_at = getattr(ctx, "token_expires_at", None)
-        if result is None and expires_at is not None and time.time() >= expires_at:
-            result = _error("The token has expired: reconnect with a new one.", "UNAUTHENTICATED")
-        if facts is not None and not named and result is None and len(facts.operations) > 1:
-            result = _error(
-                "Must provide operationName when the document holds several operations.",
-                "BAD_REQUEST",
-            )
-        principal = getattr(ctx, "principal", None)
-        if result is None and principal is not None and operation is not None:
-            for coordinate in operation.coordinates:
-                if reach(principal, coordinate) is None:
-                    result = ExecutionResult(data=None, errors=[forbidden(coordinate)])
-                    break
-        name = _bad_variable(context.variables)
-        if name is not None:
-            result = _error(
-                f"Variable ${name} holds text that is not valid Unicode or contains NUL.",
-                "BAD_USER_INPUT",
-            )
-        elif facts is not None and facts.bad_literal:
-            result = _error(
-                "A string in the document is not valid Unicode or contains NUL.",
-                "BAD_USER_INPUT",
-            )
-        if (
-            result is None
-            and operation is not None
-            and operation.kind is OperationType.SUBSCRIPTION
-            and not isinstance(getattr(ctx, "request", None), WebSocket)
-        ):
-            result = _error(
-                "Subscriptions are served over graphql-transport-ws (a websocket on /graphql).",
-                "BAD_REQUEST",
-            )
+        if result is None:
+            result = _refusal(ctx, facts, named, operation)
+        text = _text_refusal(context.variables, facts)
+        if text is not None:  # the text check has the last word
+            result = text
+        elif result is None:
+            result = _subscription_refusal(ctx, operation)
         context.result = result
         if isinstance(ctx, Context):
             ctx.raw_variables = dict(context.variables or {})
         yield
+
+
+def _refusal(
+    ctx: object, facts: DocumentFacts | None, named: str | None, operation: Operation | None
+) -> ExecutionResult | None:
+    """The first of: an expired token (websockets), a missing operationName, a root
+    field the caller's roles may not reach (``api.permissions``)."""
+    expires_at = getattr(ctx, "token_expires_at", None)
+    if expires_at is not None and time.time() >= expires_at:
+        return _error("The token has expired: reconnect with a new one.", "UNAUTHENTICATED")
+    if facts is not None and not named and len(facts.operations) > 1:
+        return _error(
+            "Must provide operationName when the document holds several operations.",
+            "BAD_REQUEST",
+        )
+    principal = getattr(ctx, "principal", None)
+    if principal is not None and operation is not None:
+        for coordinate in operation.coordinates:
+            if reach(principal, coordinate) is None:
+                return ExecutionResult(data=None, errors=[forbidden(coordinate)])
+    return None
+
+
+def _text_refusal(
+    variables: dict[str, Any] | None, facts: DocumentFacts | None
+) -> ExecutionResult | None:
+    """Text the database could not store: in a variable, or a string in the document."""
+    name = _bad_variable(variables)
+    if name is not None:
+        return _error(
+            f"Variable ${name} holds text that is not valid Unicode or contains NUL.",
+            "BAD_USER_INPUT",
+        )
+    if facts is not None and facts.bad_literal:
+        return _error(
+            "A string in the document is not valid Unicode or contains NUL.", "BAD_USER_INPUT"
+        )
+    return None
+
+
+def _subscription_refusal(ctx: object, operation: Operation | None) -> ExecutionResult | None:
+    """A subscription not over a websocket (POSTed) is refused, not answered with null."""
+    if (
+        operation is not None
+        and operation.kind is OperationType.SUBSCRIPTION
+        and not isinstance(getattr(ctx, "request", None), WebSocket)
+    ):
+        return _error(
+            "Subscriptions are served over graphql-transport-ws (a websocket on /graphql).",
+            "BAD_REQUEST",
+        )
+    return None

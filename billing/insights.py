@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from tortoise.expressions import Q
@@ -50,6 +51,79 @@ def _bucket_start(local: datetime, interval: UsageInterval) -> datetime:
     return day.replace(day=1) if interval is UsageInterval.MONTH else day
 
 
+@dataclass(frozen=True, slots=True)
+class _Grouping:
+    """How rows are grouped into the account's local days or months."""
+
+    tz: ZoneInfo
+    interval: UsageInterval
+    postgres: bool
+
+    def key(self, column: str) -> str:
+        if self.postgres:  # exact local midnights (or 1sts) from the database itself
+            unit = "month" if self.interval is UsageInterval.MONTH else "day"
+            return f"date_trunc('{unit}', {column} AT TIME ZONE '{_quoted(self.tz.key)}')"
+        # SQLite has no time zones: group by the UTC hour, fold the hours into local
+        # intervals below (a zone with a half-hour offset is off by that half hour).
+        return f"substr({column}, 1, 13)"
+
+    def local_start(self, raw: object) -> datetime:
+        if self.postgres:
+            assert isinstance(raw, datetime)
+            return raw.replace(tzinfo=self.tz)
+        hour = datetime.strptime(str(raw), "%Y-%m-%d %H").replace(tzinfo=UTC)
+        return _bucket_start(hour.astimezone(self.tz), self.interval)
+
+
+class _Buckets:
+    """The usage buckets, by (UTC start, process type), as the rows are added."""
+
+    def __init__(self, grouping: _Grouping, book: PriceBook) -> None:
+        self.grouping = grouping
+        self.per_unit = {p.process_type: p.credits_per_unit or 1 for p in book.processes}
+        self.found: dict[tuple[datetime, ProcessType], UsageBucket] = {}
+
+    def bucket(self, row: dict[str, Any]) -> UsageBucket:
+        at = self.grouping.local_start(row["k"]).astimezone(UTC)
+        pt = ProcessType(str(row["process_type"]))
+        found = self.found.get((at, pt))
+        if found is None:
+            found = self.found[(at, pt)] = UsageBucket(at, pt)
+        return found
+
+    def add_ledger(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            b = self.bucket(row)
+            spent = int(row["credits"] or 0)
+            # Paid units: every entry's credits are its units times the price, so the sum
+            # divides exactly (net of reversals, which give back theirs).
+            b.units += spent // self.per_unit.get(b.process_type, 1)
+            b.credits += spent
+
+    def add_free(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            b = self.bucket(row)
+            b.units += int(row["used"] or 0)
+            b.free_units += int(row["used"] or 0)
+
+    def add_metered(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            b = self.bucket(row)
+            b.units += int(row["units"] or 0)
+            b.metered_cents += int(row["cents"] or 0)
+
+    def used(self) -> list[UsageBucket]:
+        """The buckets with any use, oldest first."""
+        return sorted(
+            (
+                b
+                for b in self.found.values()
+                if b.units or b.free_units or b.credits or b.metered_cents
+            ),
+            key=lambda b: (b.start, b.process_type.value),
+        )
+
+
 async def usage(
     account: Account,
     book: PriceBook,
@@ -62,80 +136,41 @@ async def usage(
     ``units`` counts every unit used: paid ones from the ledger (net of reversals), free
     ones (``free_quota_hour``, kept by a trigger on the monthly counter: a wholly free use
     writes no ledger entry) and metered ones."""
-    tz = ZoneInfo(zone_name(account.timezone))
     postgres = sql.is_postgres(sql.connection())
-    per_unit = {p.process_type: p.credits_per_unit or 1 for p in book.processes}
-
-    def key(column: str) -> str:
-        if postgres:  # exact local midnights (or 1sts) from the database itself
-            unit = "month" if interval is UsageInterval.MONTH else "day"
-            return f"date_trunc('{unit}', {column} AT TIME ZONE '{_quoted(tz.key)}')"
-        # SQLite has no time zones: group by the UTC hour, fold the hours into local
-        # intervals below (a zone with a half-hour offset is off by that half hour).
-        return f"substr({column}, 1, 13)"
-
-    ledger_rows = await sql.fetch(
-        f"SELECT {key('created_at')} AS k, process_type, SUM(-credits) AS credits "
-        "FROM ledger_entry WHERE account_id = ? AND type IN (?, ?) "
-        "AND created_at >= ? AND created_at < ? GROUP BY 1, 2",
-        account.id,
-        TransactionType.USAGE.value,
-        TransactionType.REVERSAL.value,
-        start,
-        end,
+    grouping = _Grouping(ZoneInfo(zone_name(account.timezone)), interval, postgres)
+    buckets = _Buckets(grouping, book)
+    buckets.add_ledger(
+        await sql.fetch(
+            f"SELECT {grouping.key('created_at')} AS k, process_type, SUM(-credits) AS credits "
+            "FROM ledger_entry WHERE account_id = ? AND type IN (?, ?) "
+            "AND created_at >= ? AND created_at < ? GROUP BY 1, 2",
+            account.id,
+            TransactionType.USAGE.value,
+            TransactionType.REVERSAL.value,
+            start,
+            end,
+        )
     )
-    free_rows = await sql.fetch(
-        f"SELECT {key('hour_start')} AS k, process_type, SUM(used) AS used "
-        "FROM free_quota_hour WHERE account_id = ? AND hour_start >= ? AND hour_start < ? "
-        "GROUP BY 1, 2",
-        account.id,
-        *((start, end) if postgres else (_hour_text(start), _hour_text(end))),
+    buckets.add_free(
+        await sql.fetch(
+            f"SELECT {grouping.key('hour_start')} AS k, process_type, SUM(used) AS used "
+            "FROM free_quota_hour WHERE account_id = ? AND hour_start >= ? AND hour_start < ? "
+            "GROUP BY 1, 2",
+            account.id,
+            *((start, end) if postgres else (_hour_text(start), _hour_text(end))),
+        )
     )
-    metered_rows = await sql.fetch(
-        f"SELECT {key('created_at')} AS k, process_type, SUM(quantity) AS units, "
-        "SUM(amount_cents) AS cents FROM metered_usage "
-        "WHERE account_id = ? AND created_at >= ? AND created_at < ? GROUP BY 1, 2",
-        account.id,
-        start,
-        end,
+    buckets.add_metered(
+        await sql.fetch(
+            f"SELECT {grouping.key('created_at')} AS k, process_type, SUM(quantity) AS units, "
+            "SUM(amount_cents) AS cents FROM metered_usage "
+            "WHERE account_id = ? AND created_at >= ? AND created_at < ? GROUP BY 1, 2",
+            account.id,
+            start,
+            end,
+        )
     )
-
-    def local_start(raw: object) -> datetime:
-        if postgres:
-            assert isinstance(raw, datetime)
-            return raw.replace(tzinfo=tz)
-        hour = datetime.strptime(str(raw), "%Y-%m-%d %H").replace(tzinfo=UTC)
-        return _bucket_start(hour.astimezone(tz), interval)
-
-    buckets: dict[tuple[datetime, ProcessType], UsageBucket] = {}
-
-    def bucket(row: dict[str, object]) -> UsageBucket:
-        at = local_start(row["k"]).astimezone(UTC)
-        pt = ProcessType(str(row["process_type"]))
-        found = buckets.get((at, pt))
-        if found is None:
-            found = buckets[(at, pt)] = UsageBucket(at, pt)
-        return found
-
-    for row in ledger_rows:
-        b = bucket(row)
-        spent = int(row["credits"] or 0)
-        # Paid units: every entry's credits are its units times the price, so the sum
-        # divides exactly (net of reversals, which give back theirs).
-        b.units += spent // per_unit.get(b.process_type, 1)
-        b.credits += spent
-    for row in free_rows:
-        b = bucket(row)
-        b.units += int(row["used"] or 0)
-        b.free_units += int(row["used"] or 0)
-    for row in metered_rows:
-        b = bucket(row)
-        b.units += int(row["units"] or 0)
-        b.metered_cents += int(row["cents"] or 0)
-    return sorted(
-        (b for b in buckets.values() if b.units or b.free_units or b.credits or b.metered_cents),
-        key=lambda b: (b.start, b.process_type.value),
-    )
+    return buckets.used()
 
 
 def _hour_text(at: datetime) -> str:

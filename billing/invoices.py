@@ -47,9 +47,9 @@ from billing.payments.gateways import (
     ChargeStatus,
     GatewayUnavailable,
     PaymentGateway,
+    gateway_key,
     minimum_charge_cents,
 )
-from billing.payments.purchases import gateway_key
 from billing.settlement import booking
 from billing.spending.quota import month_bounds
 
@@ -575,3 +575,6 @@ async def _lines_text(invoice: Invoice) -> str:
 
 def _uuid_param(value: uuid.UUID) -> object:
     return value if sql.is_postgres(sql.connection()) else str(value)
+
+
+booking.register_booker(PaymentKind.INVOICE, settle_payment)

@@ -60,6 +60,25 @@ def _positive_int(data: dict[str, Any], key: str, where: str, *, zero: bool = Fa
     return value
 
 
+def _process_price(process_type: ProcessType, entry: dict[str, Any], where: str) -> ProcessPrice:
+    """One process type's price from its price book entry."""
+    mode = BillingMode(entry["billing"])
+    if mode is BillingMode.METERED:
+        return ProcessPrice(
+            process_type, mode, cents_per_unit=_positive_int(entry, "cents_per_unit", where)
+        )
+    if mode is BillingMode.FREE_QUOTA_THEN_PREPAID:
+        return ProcessPrice(
+            process_type,
+            mode,
+            credits_per_unit=_positive_int(entry, "credits_per_unit", where),
+            free_monthly_quota=_positive_int(entry, "free_monthly_quota", where, zero=True),
+        )
+    return ProcessPrice(
+        process_type, mode, credits_per_unit=_positive_int(entry, "credits_per_unit", where)
+    )
+
+
 def parse_price_book(data: dict[str, Any]) -> PriceBook:
     processes: list[ProcessPrice] = []
     raw = data.get("processes", {})
@@ -68,30 +87,7 @@ def parse_price_book(data: dict[str, Any]) -> PriceBook:
         where = f"processes.{process_type.value}"
         if entry is None:
             raise ValueError(f"price book: {where} is missing")
-        mode = BillingMode(entry["billing"])
-        if mode is BillingMode.METERED:
-            processes.append(
-                ProcessPrice(
-                    process_type, mode, cents_per_unit=_positive_int(entry, "cents_per_unit", where)
-                )
-            )
-        elif mode is BillingMode.FREE_QUOTA_THEN_PREPAID:
-            processes.append(
-                ProcessPrice(
-                    process_type,
-                    mode,
-                    credits_per_unit=_positive_int(entry, "credits_per_unit", where),
-                    free_monthly_quota=_positive_int(entry, "free_monthly_quota", where, zero=True),
-                )
-            )
-        else:
-            processes.append(
-                ProcessPrice(
-                    process_type,
-                    mode,
-                    credits_per_unit=_positive_int(entry, "credits_per_unit", where),
-                )
-            )
+        processes.append(_process_price(process_type, entry, where))
     unknown = set(raw) - {p.value for p in FEATURE_PROCESSES}
     if unknown:
         raise ValueError(f"price book: unknown process types {sorted(unknown)}")

@@ -1,4 +1,5 @@
-"""Reconciliation: does the money add up? ``python -m billing.reconcile`` (``make reconcile``).
+"""Reconciliation: does the money add up? The checks; ``python -m runtime.reconcile``
+(``make reconcile``) runs them from the command line.
 
 Checks, for every account (or the ``--account`` ones):
 
@@ -24,20 +25,20 @@ read entry by entry, to tell a real break from entries that share a timestamp. O
 PostgreSQL they read one snapshot (``REPEATABLE READ``), so work committed meanwhile
 can't show up as a false discrepancy.
 
-Prints one line per discrepancy and exits 1 when there is any; prints a summary and exits
-0 when there is none; exits 2 when a check could not run (Stripe unreachable, say).
+A ``Report`` holds the discrepancies and the errors (a check that could not run: Stripe
+unreachable, say) and the command's exit code for them.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
+
+from tortoise.transactions import in_transaction
 
 from billing import idempotency, sql
 from billing.enums import PaymentKind, PaymentStatus, TransactionType
@@ -432,15 +433,35 @@ def _ref(value: Any) -> str | None:
     return str(value) if value else None
 
 
-def _intent_problems(payment: dict[str, Any], intent: dict[str, Any]) -> list[str]:
-    """How Stripe's PaymentIntent (``latest_charge`` expanded) differs from our payment."""
-    problems = []
+def _status_problems(payment: dict[str, Any], intent: dict[str, Any]) -> list[str]:
     granted = payment["status"] in GRANTED
     at_stripe = intent.get("status")
     if granted and at_stripe != "succeeded":
-        problems.append(f"Stripe says {at_stripe}")
+        return [f"Stripe says {at_stripe}"]
     if not granted and at_stripe == "succeeded":
-        problems.append(f"{payment['status']} here but Stripe says succeeded")
+        return [f"{payment['status']} here but Stripe says succeeded"]
+    return []
+
+
+def _charge_problems(payment: dict[str, Any], charge: Any) -> list[str]:
+    """How the PaymentIntent's latest charge (expanded) differs: a dispute, a refund."""
+    if not isinstance(charge, dict):
+        return []
+    problems = []
+    if charge.get("disputed") and not payment["dispute_entries"]:
+        problems.append("disputed at Stripe, no dispute booked here")
+    if charge.get("amount_refunded") is not None:
+        refunded = int(charge["amount_refunded"])
+        if refunded != int(payment["refunded_cents"] or 0):
+            problems.append(
+                f"refunded {int(payment['refunded_cents'] or 0)} here, {refunded} at Stripe"
+            )
+    return problems
+
+
+def _intent_problems(payment: dict[str, Any], intent: dict[str, Any]) -> list[str]:
+    """How Stripe's PaymentIntent (``latest_charge`` expanded) differs from our payment."""
+    problems = _status_problems(payment, intent)
     if int(intent.get("amount") or 0) != int(payment["amount_cents"]):
         problems.append(
             f"amount {int(payment['amount_cents'])} here, {intent.get('amount')} at Stripe"
@@ -450,16 +471,7 @@ def _intent_problems(payment: dict[str, Any], intent: dict[str, Any]) -> list[st
     customer = _ref(intent.get("customer"))
     if customer and payment["customer_id"] and customer != payment["customer_id"]:
         problems.append(f"customer {payment['customer_id']} here, {customer} at Stripe")
-    charge = intent.get("latest_charge")
-    if isinstance(charge, dict) and charge.get("disputed") and not payment["dispute_entries"]:
-        problems.append("disputed at Stripe, no dispute booked here")
-    if isinstance(charge, dict) and charge.get("amount_refunded") is not None:
-        refunded = int(charge["amount_refunded"])
-        if refunded != int(payment["refunded_cents"] or 0):
-            problems.append(
-                f"refunded {int(payment['refunded_cents'] or 0)} here, {refunded} at Stripe"
-            )
-    return problems
+    return problems + _charge_problems(payment, intent.get("latest_charge"))
 
 
 async def _check_intent(
@@ -517,85 +529,12 @@ async def run(
     return report
 
 
-# ---------------------------------------------------------------- the command
-
-
 @asynccontextmanager
-async def _snapshot() -> AsyncIterator[None]:
+async def snapshot() -> AsyncIterator[None]:
     """One consistent view for all the database checks (PostgreSQL)."""
     if not sql.is_postgres(sql.connection()):
         yield  # SQLite: a long read transaction would hold up writers; run it when idle
         return
-    from tortoise.transactions import in_transaction
-
     async with in_transaction():
         await sql.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         yield
-
-
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m billing.reconcile",
-        description="Check that balances, ledger entries, payments (and Stripe) agree.",
-    )
-    parser.add_argument(
-        "--account",
-        action="append",
-        dest="accounts",
-        metavar="ID",
-        help="check only this account (repeat, or comma-separate, for several)",
-    )
-    parser.add_argument(
-        "--no-stripe",
-        action="store_true",
-        help="skip the Stripe check even with PAYMENT_GATEWAY=stripe",
-    )
-    parser.add_argument(
-        "--stripe-concurrency", type=int, default=8, help="PaymentIntents read at once (default 8)"
-    )
-    return parser.parse_args(argv)
-
-
-async def _main(args: argparse.Namespace) -> Report:
-    from tortoise import Tortoise
-
-    from runtime.db import tortoise_config
-    from runtime.factory import make_gateway
-    from runtime.settings import get_settings
-
-    settings = get_settings()
-    accounts = (
-        [a.strip() for raw in args.accounts for a in raw.split(",") if a.strip()]
-        if args.accounts
-        else None
-    )
-    await Tortoise.init(config=tortoise_config(settings.database_url))
-    try:
-        async with _snapshot():
-            report = await check_database(accounts)
-        if settings.payment_gateway == "stripe" and not args.no_stripe:
-            gateway = make_gateway(settings)
-            assert isinstance(gateway, StripeGateway)
-            await check_stripe(report, gateway, accounts, max(1, args.stripe_concurrency))
-        return report
-    finally:
-        await Tortoise.close_connections()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parse(argv)
-    try:
-        report = asyncio.run(_main(args))
-    except Exception as exc:  # the database is unreachable, say: no verdict
-        print(f"error: could not reconcile: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
-    for discrepancy in report.discrepancies:
-        print(discrepancy.line())
-    for error in report.errors:
-        print(f"error: {error}", file=sys.stderr)
-    print(report.summary(), file=sys.stderr if report.discrepancies else sys.stdout)
-    return report.exit_code()
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -323,24 +323,32 @@ class RedisBroadcaster:
     def _dispatch(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
         channel = _text(message.get("channel"))
-        listeners = list(self._listeners.get(channel, ()))
         if kind == "message":
-            try:
-                entry = decode(message["data"])
-            except (ValueError, KeyError, TypeError) as exc:
-                log.warning("ignoring a malformed balance event on %s: %s", channel, exc)
-                return
-            for listener in listeners:
-                listener.put(BalanceEvent(entry.account_id, entry))
+            self._deliver(channel, message)
         elif kind == "subscribe":
-            if channel in self._confirmed:  # subscribed again after a reconnect
-                for listener in listeners:
-                    listener.put(BalanceEvent(listener.account_id, None))
-            elif channel in self._listeners:
-                self._confirmed.add(channel)
-            waiter = self._waiting.pop(channel, None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+            self._subscribed(channel)
+
+    def _deliver(self, channel: str, message: dict[str, Any]) -> None:
+        """A balance event published on ``channel``: to each of its listeners."""
+        try:
+            entry = decode(message["data"])
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring a malformed balance event on %s: %s", channel, exc)
+            return
+        for listener in list(self._listeners.get(channel, ())):
+            listener.put(BalanceEvent(entry.account_id, entry))
+
+    def _subscribed(self, channel: str) -> None:
+        """Redis confirmed a subscription to ``channel`` (again, after a reconnect: its
+        listeners may have missed events, so each is told to read the balance again)."""
+        if channel in self._confirmed:
+            for listener in list(self._listeners.get(channel, ())):
+                listener.put(BalanceEvent(listener.account_id, None))
+        elif channel in self._listeners:
+            self._confirmed.add(channel)
+        waiter = self._waiting.pop(channel, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def close(self) -> None:
         if self._sender is not None:

@@ -15,31 +15,20 @@ from __future__ import annotations
 import logging
 from email.message import EmailMessage
 from email.utils import format_datetime, parseaddr
-from typing import Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import aiosmtplib
 
 from billing import clock, emails
+
+# The port is the domain's (the outbox sends through it); named here too for callers.
+from billing.notifications.mailer import Mailer as Mailer
+from billing.notifications.mailer import MailRefused as MailRefused
 from runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 30.0  # seconds, per SMTP command
-
-
-class Mailer(Protocol):
-    async def send(self, *, to: list[str], subject: str, body: str, message_id: str) -> None:
-        """Deliver one e-mail to the relay; raise if it was not accepted."""
-        ...
-
-
-class MailRefused(Exception):
-    """The relay accepted the message for some recipients and refused the others."""
-
-    def __init__(self, refused: dict[str, str]) -> None:
-        self.refused = refused
-        super().__init__("refused " + "; ".join(f"{k}: {v}" for k, v in refused.items()))
 
 
 def _one_line(value: str) -> str:

@@ -93,10 +93,8 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-async def reap_orphaned_jobs(redis: Any, queue_name: str, in_progress_ttl_s: float) -> list[str]:
-    """Delete the in-progress keys of queued jobs no live worker claims (their worker
-    died); returns the job ids freed. A key younger than ``REAP_GRACE`` is left alone, and
-    so is the key arq keeps a while after a cron job ended (that job left the queue)."""
+async def _claimed_jobs(redis: Any) -> set[str]:
+    """The job ids the live workers' liveness keys say they are running."""
     running: set[str] = set()
     async for key in redis.scan_iter(match=LIVENESS_PREFIX + "*", count=200):
         raw = await redis.get(key)
@@ -106,19 +104,31 @@ async def reap_orphaned_jobs(redis: Any, queue_name: str, in_progress_ttl_s: flo
             running.update(str(job) for job in json.loads(raw).get("jobs", []))
         except (ValueError, AttributeError, TypeError):
             continue
+    return running
+
+
+async def _is_orphaned(redis: Any, key: str, in_progress_ttl_s: float) -> bool:
+    """Whether in-progress ``key`` (of a queued job no live worker claims) is old enough
+    to free: arq's own expiry on it says how long ago it was set."""
+    left_ms = await redis.pttl(key)
+    if left_ms < 0:  # gone meanwhile, or no expiry (not arq's): leave it
+        return False
+    age_s = in_progress_ttl_s - left_ms / 1000
+    return bool(age_s >= REAP_GRACE)
+
+
+async def reap_orphaned_jobs(redis: Any, queue_name: str, in_progress_ttl_s: float) -> list[str]:
+    """Delete the in-progress keys of queued jobs no live worker claims (their worker
+    died); returns the job ids freed. A key younger than ``REAP_GRACE`` is left alone, and
+    so is the key arq keeps a while after a cron job ended (that job left the queue)."""
+    running = await _claimed_jobs(redis)
     freed: list[str] = []
     async for key in redis.scan_iter(match=in_progress_key_prefix + "*", count=200):
         name = key.decode() if isinstance(key, bytes) else str(key)
         job_id = name[len(in_progress_key_prefix) :]
         if job_id in running or await redis.zscore(queue_name, job_id) is None:
             continue
-        left_ms = await redis.pttl(name)
-        if left_ms < 0:  # gone meanwhile, or no expiry (not arq's): leave it
-            continue
-        age_s = in_progress_ttl_s - left_ms / 1000
-        if age_s < REAP_GRACE:
-            continue
-        if await redis.delete(name):
+        if await _is_orphaned(redis, name, in_progress_ttl_s) and await redis.delete(name):
             freed.append(job_id)
     if freed:
         log.warning("freed %d job(s) whose worker died: %s", len(freed), ", ".join(freed))

@@ -207,10 +207,51 @@ async def test_with_redis_down_spends_succeed_and_the_sweep_recharges_later(
 
 
 def test_worker_settings_register_every_job_and_cron() -> None:
-    from workers.jobs import FUNCTIONS, PERIODIC
+    from runtime.cron import PERIODIC
+    from workers.jobs import FUNCTIONS
 
     assert {f.name for f in functions()} == set(FUNCTIONS)
-    assert {c.name for c in cron_jobs()} == {f"cron:{name}" for name in PERIODIC}
+    assert {c.name for c in cron_jobs()} == {f"cron:{job.name}" for job in PERIODIC}
+    assert {job.name for job in PERIODIC} <= set(FUNCTIONS)
+
+
+async def test_the_in_process_ticker_runs_the_same_periodic_jobs() -> None:
+    """The embedded default's ticker (runtime.cron) enqueues the list arq's cron runs: every
+    job at the first tick, then each every ``minutes`` ticks; an enqueue that fails does not
+    stop the others, and the ticker stops with its block."""
+    from runtime.cron import PERIODIC, tick, ticking
+
+    class Recording:
+        def __init__(self) -> None:
+            self.ids: list[str] = []
+            self.enqueued = asyncio.Event()
+
+        async def enqueue(self, function: str, *args: Any, job_id: str) -> bool:
+            if function == "sweep":
+                raise RuntimeError("Redis is down")
+            self.ids.append(job_id)
+            self.enqueued.set()
+            return True
+
+        async def close(self) -> None:
+            return None
+
+    queue = Recording()
+    await tick(queue, 1)
+    everyone_but_the_sweep = {job.name for job in PERIODIC} - {"sweep"}
+    assert {i.split(":")[1] for i in queue.ids} == everyone_but_the_sweep
+    queue.ids.clear()
+    await tick(queue, 2)
+    assert {i.split(":")[1] for i in queue.ids} == {
+        job.name for job in PERIODIC if job.minutes == 1 and job.name != "sweep"
+    }
+    queue.ids.clear()
+    queue.enqueued.clear()
+    async with ticking(queue, 0.01):
+        await asyncio.wait_for(queue.enqueued.wait(), timeout=10)
+    stopped_at = len(queue.ids)
+    await asyncio.sleep(0.05)
+    assert len(queue.ids) == stopped_at
 
 
 def test_app_with_job_queue_arq_sends_jobs_to_redis(

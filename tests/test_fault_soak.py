@@ -315,7 +315,7 @@ def test_the_production_shape_rides_out_each_fault(
     warm, end = memory
     assert end - warm < 40 * 1024, memory  # KiB, the API that was never killed
     done = subprocess.run(
-        [sys.executable, "-m", "billing.reconcile", "--no-stripe"],
+        [sys.executable, "-m", "runtime.reconcile", "--no-stripe"],
         cwd=ROOT,
         env={**env, "DATABASE_URL": cluster.url},
         capture_output=True,

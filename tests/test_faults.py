@@ -608,7 +608,7 @@ def test_postgres_restarted_under_a_running_api(
         assert final.json()["data"]["creditAccount"]["balance"] == 1000 - 4 * 12, final.text
 
     done = subprocess.run(
-        [sys.executable, "-m", "billing.reconcile", "--account", account],
+        [sys.executable, "-m", "runtime.reconcile", "--account", account],
         cwd=ROOT,
         env={**os.environ, "DATABASE_URL": private_postgres.url, "PAYMENT_GATEWAY": "sandbox"},
         capture_output=True,
@@ -746,7 +746,7 @@ def test_postgres_restarted_many_times_under_load(
         assert final["data"]["creditAccount"]["balance"] == 1_000_000 - 12 * spent, final
 
     done = subprocess.run(
-        [sys.executable, "-m", "billing.reconcile", "--account", account],
+        [sys.executable, "-m", "runtime.reconcile", "--account", account],
         cwd=ROOT,
         env={**os.environ, "DATABASE_URL": private_postgres.url, "PAYMENT_GATEWAY": "sandbox"},
         capture_output=True,

@@ -76,7 +76,7 @@ from billing.payments.gateways import (
 )
 from billing.pricing import PriceBook, load_price_book
 from billing.recharge import autorecharge, runs
-from billing.settlement import webhooks
+from billing.settlement import heal, webhooks
 from billing.spending import usage
 from billing.spending.quota import month_bounds
 from runtime.settings import Settings
@@ -436,7 +436,7 @@ class SettlementMachine(RuleBasedStateMachine):
         for payment_id in await runs.stuck_payments() + await runs.payments_to_recheck():
             payment = await Payment.get(id=payment_id)
             if payment.account_id == self.account:
-                await runs.heal_payment(self.gw, payment_id)
+                await heal.heal_payment(self.gw, payment_id)
         for event_id, _ in await webhooks.pending_events(older_than_seconds=0, limit=10_000):
             await self._process(event_id)
         for account_id, _ in await runs.below_threshold(limit=10_000):

@@ -834,7 +834,7 @@ async def test_a_pending_payment_older_than_the_key_lifetime_is_not_charged_agai
     (it could charge twice); the account is flagged for staff to look the payment up."""
     from billing import sql
     from billing.models import Card
-    from billing.recharge import runs
+    from billing.settlement import heal
 
     await add_card(admin, "pm_card_visa")
     card = await Card.get(account_id=admin.account_id)
@@ -852,7 +852,7 @@ async def test_a_pending_payment_older_than_the_key_lifetime_is_not_charged_agai
         updated_at=old,
     )
     charges = gateway.charge_count
-    assert await runs.heal_payment(gateway, payment.id) is PaymentStatus.PENDING
+    assert await heal.heal_payment(gateway, payment.id) is PaymentStatus.PENDING
     assert gateway.charge_count == charges
     flagged = await Account.get(id=admin.account_id)
     assert flagged.flag_reason and str(payment.id) in flagged.flag_reason

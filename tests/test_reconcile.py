@@ -1,4 +1,4 @@
-"""Reconciliation (billing.reconcile, ``python -m billing.reconcile``): clean accounts pass,
+"""Reconciliation (billing.reconcile, ``python -m runtime.reconcile``): clean accounts pass,
 planted discrepancies are found (and the command exits non-zero), Stripe agrees with us,
 and the whole shared test database, whatever the other tests did to it, reconciles."""
 
@@ -326,7 +326,7 @@ def run_command(settings: Settings, *args: str) -> subprocess.CompletedProcess[s
             "STRIPE_API_BASE": settings.stripe_api_base,
         }
     return subprocess.run(
-        [sys.executable, "-m", "billing.reconcile", *args],
+        [sys.executable, "-m", "runtime.reconcile", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,

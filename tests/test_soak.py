@@ -206,7 +206,7 @@ def test_mixed_traffic_holds(server: tuple[str, int, dict[str, str]]) -> None:
         [
             sys.executable,
             "-m",
-            "billing.reconcile",
+            "runtime.reconcile",
             "--no-stripe",
             *[x for a in accounts.split(",") for x in ("--account", a)],
         ],

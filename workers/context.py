@@ -1,10 +1,12 @@
-"""The typed context every job function receives first (arq's ``ctx``)."""
+"""The typed context every job function receives first (arq's ``ctx``): the services of
+``runtime.services`` and the job's id."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, TypedDict
 
 if TYPE_CHECKING:
+    from billing.notifications.mailer import Mailer
     from billing.payments.gateways import PaymentGateway
     from billing.pricing import PriceBook
     from runtime.live import Broadcaster
@@ -17,6 +19,6 @@ class JobContext(TypedDict, total=False):
     gateway: PaymentGateway
     book: PriceBook
     queue: JobQueue  # to enqueue follow-up jobs (after the job's own commit)
-    mailer: Any  # runtime.mailer.Mailer
+    mailer: Mailer
     live: Broadcaster  # live balance updates, published after the job's commit
     job_id: str

@@ -13,13 +13,13 @@ from tortoise.transactions import in_transaction
 from billing import changes
 from billing.enums import AutoRechargeTrigger
 from billing.recharge import runs
-from billing.settlement import webhooks
+from billing.settlement import heal, webhooks
 from runtime import effects, jobids
+from runtime.jobmetrics import count_recharge, instrument
 from runtime.queue import JobFunction
 from workers.context import JobContext
 from workers.invoicing import INVOICE_FUNCTIONS
 from workers.mail import MAIL_FUNCTIONS
-from workers.metrics import count_recharge, instrument
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ async def sweep(ctx: JobContext) -> dict[str, int]:
     for payment_id in stuck:
         try:
             with changes.collect() as changed:
-                await runs.heal_payment(ctx["gateway"], payment_id)
+                await heal.heal_payment(ctx["gateway"], payment_id)
             await after_commit(ctx, changed)
             healed += 1
         except Exception:
@@ -123,18 +123,7 @@ FUNCTIONS: dict[str, JobFunction] = {
     **INVOICE_FUNCTIONS,
 }
 
-#: Periodic jobs and their period in minutes (arq cron in production; an in-process
-#: ticker in the embedded default). Months close at each account's local midnight, so
-#: invoices are looked for every hour.
-PERIODIC: dict[str, int] = {
-    "enqueue_due_schedules": 1,
-    "sweep": 1,
-    "deliver_pending_notifications": 1,
-    "retry_due_invoices": 10,
-    "close_monthly_invoices": 60,
-}
-
 
 def all_functions() -> dict[str, Any]:
-    """Every job function, timed and counted (``workers.metrics``)."""
+    """Every job function, timed and counted (``runtime.jobmetrics``)."""
     return {name: instrument(name, function) for name, function in FUNCTIONS.items()}

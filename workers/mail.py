@@ -10,8 +10,9 @@ worker died.
 from __future__ import annotations
 
 from billing.notifications import outbox
+from billing.notifications.mailer import Mailer
 from runtime.jobids import notification_job_id as notification_job_id
-from runtime.mailer import Mailer, make_mailer
+from runtime.mailer import make_mailer
 from runtime.queue import JobFunction
 from workers.context import JobContext
 

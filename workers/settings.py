@@ -8,15 +8,15 @@ from arq import cron, func
 from arq.connections import RedisSettings
 from tortoise import Tortoise
 
-from billing.pricing import load_price_book
+from runtime.cron import PERIODIC
 from runtime.db import tortoise_config
-from runtime.factory import make_gateway
+from runtime.jobmetrics import instrument
+from runtime.jobmetrics import serve as serve_metrics
 from runtime.live import RedisBroadcaster, channel_prefix
 from runtime.queue import ArqQueue
+from runtime.services import build, verify_gateway
 from runtime.settings import Settings, get_settings
-from workers.jobs import FUNCTIONS, PERIODIC
-from workers.metrics import instrument
-from workers.metrics import serve as serve_metrics
+from workers.jobs import FUNCTIONS
 
 KEEP_RESULT_SECONDS = 60  # job ids dedupe while a job runs; the database keeps the truth
 
@@ -45,21 +45,14 @@ REDIS_START_RETRIES = 60
 
 async def bind_context(ctx: dict[str, Any], settings: Settings) -> None:
     """What every job finds in ``ctx`` (see workers.context.JobContext)."""
-    from runtime.mailer import make_mailer
-
-    gateway = make_gateway(settings)
-    verify = getattr(gateway, "verify", None)
-    if verify is not None:
-        await verify()
-    ctx.update(
-        settings=settings,
-        gateway=gateway,
-        book=load_price_book(settings.price_book_path),
-        mailer=make_mailer(settings),
+    services = build(
+        settings,
         queue=ArqQueue(ctx["redis"]),
         # Balance changes go to the API processes' live subscriptions over Redis pub/sub.
         live=RedisBroadcaster(ctx["redis"], channel_prefix(settings.redis_url)),
     )
+    await verify_gateway(services.gateway)
+    ctx.update(services.job_context())
 
 
 async def startup(ctx: dict[str, Any]) -> None:
@@ -85,20 +78,18 @@ def functions() -> list[Any]:
 
 
 def cron_jobs() -> list[Any]:
-    jobs = []
-    for name, minutes in PERIODIC.items():
-        at = {5} if minutes >= 60 else set(range(0, 60, minutes))
-        job = instrument(name, FUNCTIONS[name])
-        timeout = JOB_TIMEOUTS.get(name, DEFAULT_JOB_TIMEOUT)
-        second = SECONDS.get(name, {0})
-        jobs.append(cron(job, name=f"cron:{name}", minute=at, second=second, timeout=timeout))  # type: ignore[arg-type]
-    return jobs
-
-
-#: Periodic jobs run more often than each minute, at these seconds: the sweep settles
-#: what a fault left half-done (a payment stuck PENDING past ``recharge.STUCK_AFTER``, a
-#: recharge nobody could queue) within seconds of the fault ending, not minutes.
-SECONDS: dict[str, set[int]] = {"sweep": {0, 15, 30, 45}}
+    """arq's cron entries for ``runtime.cron.PERIODIC`` (the in-process ticker runs the same
+    list in the embedded default)."""
+    return [
+        cron(
+            instrument(job.name, FUNCTIONS[job.name]),  # type: ignore[arg-type]
+            name=f"cron:{job.name}",
+            minute=job.arq_minutes(),
+            second=set(job.seconds),
+            timeout=JOB_TIMEOUTS.get(job.name, DEFAULT_JOB_TIMEOUT),
+        )
+        for job in PERIODIC
+    ]
 
 
 def worker_redis_settings(redis_url: str) -> RedisSettings:

@@ -19,7 +19,7 @@ from tortoise.transactions import in_transaction
 from billing import changes, clock, sql
 from billing.accounts import admin_emails
 from billing.enums import NotificationKind
-from runtime.mailer import Mailer, MailRefused
+from billing.notifications.mailer import Mailer, MailRefused
 
 log = logging.getLogger(__name__)
 

@@ -27,10 +27,12 @@ from billing.payments.gateways import (
     ChargeRequest,
     GatewayUnavailable,
     PaymentGateway,
+    gateway_key,
     minimum_charge_cents,
 )
 from billing.pricing import PriceBook
 from billing.settlement import booking
+from billing.settlement.heal import heal_payment
 
 log = logging.getLogger(__name__)
 
@@ -59,22 +61,9 @@ async def credits_in_flight(account_id: str) -> int:
     return int(rows[0]["total"])
 
 
-def gateway_key(payment_id: uuid.UUID | str) -> str:
-    """The gateway's idempotency key for a payment row: a retry can never charge twice."""
-    return f"credits-payment-{payment_id}"
-
-
-async def purchase_credits(
-    gateway: PaymentGateway,
-    book: PriceBook,
-    *,
-    account_id: str,
-    user_id: str,
-    credits: int,
-    card_id: uuid.UUID | None,
-    card_id_given: bool,
-    idempotency_key: str,
-) -> PaymentOutcome:
+def _price(book: PriceBook, credits: int) -> int:
+    """What ``credits`` cost, in cents; refused outside the price book's range or under the
+    card payment minimum."""
     if not book.min_purchase_credits <= credits <= book.max_purchase_credits:
         raise fail(
             ErrorCode.INVALID_AMOUNT,
@@ -90,67 +79,108 @@ async def purchase_credits(
             f"{minimum} cents",
             "credits",
         )
-    idempotency.check_key(idempotency_key)
-    await ensure_account(account_id)
-    params = {"credits": credits, "cardId": str(card_id) if card_id_given else None}
-    retried = await idempotency.lookup(account_id, idempotency_key, "purchaseCredits", params)
-    if retried is not None:  # a retry: settle a payment a fault left PENDING (issue 12)
-        await settle_stale(gateway, uuid.UUID(str(retried.result["payment_id"])))
+    return amount_cents
+
+
+@dataclass(frozen=True, slots=True)
+class _Purchase:
+    """What ``purchase_credits`` asked for."""
+
+    account_id: str
+    user_id: str
+    credits: int
+    amount_cents: int
+    currency: str
+    card_id: uuid.UUID | None
+    card_id_given: bool
+    idempotency_key: str
+
+    def params(self) -> dict[str, object]:
+        """The request as its idempotency key remembers it."""
+        return {
+            "credits": self.credits,
+            "cardId": str(self.card_id) if self.card_id_given else None,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class _Written:
+    """A new PENDING payment, committed, with what charging it needs."""
+
+    payment: Payment
+    account: Account
+    card: Card
+
+
+async def _card_of(order: _Purchase) -> Card:
+    if order.card_id_given:
+        return await cards.get_card(order.card_id, order.account_id)
+    card = await cards.primary_card(order.account_id)
+    if card is None:
+        raise fail(ErrorCode.NO_CARD_ON_FILE, "Add a card before buying credits.")
+    return card
+
+
+async def _write_payment(order: _Purchase) -> PaymentOutcome | _Written:
+    """The purchase's payment row (``PENDING``) and its idempotency claim, in one
+    transaction; or, for a key already used, what that request came to."""
     async with in_transaction():
-        earlier = await idempotency.lookup(account_id, idempotency_key, "purchaseCredits", params)
+        earlier = await idempotency.lookup(
+            order.account_id, order.idempotency_key, "purchaseCredits", order.params()
+        )
         if earlier is not None:
             return await describe(uuid.UUID(str(earlier.result["payment_id"])))
-        card: Card | None
-        if card_id_given:
-            card = await cards.get_card(card_id, account_id)
-        else:
-            card = await cards.primary_card(account_id)
-            if card is None:
-                raise fail(ErrorCode.NO_CARD_ON_FILE, "Add a card before buying credits.")
+        card = await _card_of(order)
         payment_id = uuid.uuid4()
         replay = await idempotency.claim(
-            account_id,
-            idempotency_key,
+            order.account_id,
+            order.idempotency_key,
             "purchaseCredits",
-            {"credits": credits, "cardId": str(card_id) if card_id_given else None},
+            order.params(),
             {"payment_id": str(payment_id)},
         )
         if replay is not None:
             return await describe(uuid.UUID(str(replay.result["payment_id"])))
-        await posting.lock_account(account_id)
-        account = await Account.get(id=account_id)
-        in_flight = await credits_in_flight(account_id)
-        if account.balance + in_flight > posting.MAX_BALANCE - credits:
+        await posting.lock_account(order.account_id)
+        account = await Account.get(id=order.account_id)
+        in_flight = await credits_in_flight(order.account_id)
+        if account.balance + in_flight > posting.MAX_BALANCE - order.credits:
             # Checked before the card is charged, counting the payments still in flight:
             # money taken for credits that can't be held would have to be refunded
             # (invariant 10).
-            raise posting.balance_limit_error(account.balance + in_flight, credits)
+            raise posting.balance_limit_error(account.balance + in_flight, order.credits)
         now = sql.now()
         payment = await Payment.create(
             id=payment_id,
-            account_id=account_id,
+            account_id=order.account_id,
             card_id=card.id,
             kind=PaymentKind.PURCHASE,
             status=PaymentStatus.PENDING,
-            credits=credits,
-            amount_cents=amount_cents,
-            currency=book.currency,
-            created_by=user_id,
+            credits=order.credits,
+            amount_cents=order.amount_cents,
+            currency=order.currency,
+            created_by=order.user_id,
             created_at=now,
             updated_at=now,
         )
+    return _Written(payment, account, card)
+
+
+async def _charge(gateway: PaymentGateway, written: _Written) -> PaymentOutcome:
+    """Charge the committed payment (no transaction open) and settle what the gateway says."""
+    payment, account = written.payment, written.account
     assert account.gateway_customer_id is not None, "a card implies a gateway customer"
     try:
         result = await gateway.charge(
             ChargeRequest(
                 customer_id=account.gateway_customer_id,
-                payment_method_id=card.gateway_payment_method_id,
+                payment_method_id=written.card.gateway_payment_method_id,
                 amount_cents=payment.amount_cents,
                 currency=payment.currency,
                 idempotency_key=gateway_key(payment.id),
                 off_session=False,
-                description=f"{credits:,} purchase credits",
-                metadata={"payment_id": str(payment.id), "account_id": account_id},
+                description=f"{payment.credits:,} purchase credits",
+                metadata={"payment_id": str(payment.id), "account_id": payment.account_id},
             )
         )
     except GatewayUnavailable:
@@ -161,6 +191,43 @@ async def purchase_credits(
     async with in_transaction():
         await booking.settle(payment.id, result)
     return await describe(payment.id)
+
+
+async def purchase_credits(
+    gateway: PaymentGateway,
+    book: PriceBook,
+    *,
+    account_id: str,
+    user_id: str,
+    credits: int,
+    card_id: uuid.UUID | None,
+    card_id_given: bool,
+    idempotency_key: str,
+) -> PaymentOutcome:
+    """Buy ``credits`` with a card: the payment row commits before the gateway is called,
+    and the outcome is settled in a second transaction. A retry with the same key answers
+    what the first request came to (settling it first if a fault left it PENDING)."""
+    order = _Purchase(
+        account_id=account_id,
+        user_id=user_id,
+        credits=credits,
+        amount_cents=_price(book, credits),
+        currency=book.currency,
+        card_id=card_id,
+        card_id_given=card_id_given,
+        idempotency_key=idempotency_key,
+    )
+    idempotency.check_key(idempotency_key)
+    await ensure_account(account_id)
+    retried = await idempotency.lookup(
+        account_id, idempotency_key, "purchaseCredits", order.params()
+    )
+    if retried is not None:  # a retry: settle a payment a fault left PENDING (issue 12)
+        await settle_stale(gateway, uuid.UUID(str(retried.result["payment_id"])))
+    written = await _write_payment(order)
+    if isinstance(written, PaymentOutcome):
+        return written
+    return await _charge(gateway, written)
 
 
 #: A retry that finds its purchase still PENDING this long after the payment was last
@@ -178,8 +245,6 @@ async def settle_stale(gateway: PaymentGateway, payment_id: uuid.UUID) -> None:
         return
     if payment.updated_at > sql.now() - RESETTLE_AFTER:
         return
-    from billing.recharge.runs import heal_payment  # recharge builds on this module
-
     try:
         await heal_payment(gateway, payment_id)
     except GatewayUnavailable as exc:

@@ -33,9 +33,10 @@ from billing.payments.gateways import (
     ChargeRequest,
     GatewayUnavailable,
     PaymentGateway,
+    gateway_key,
     minimum_charge_cents,
 )
-from billing.payments.purchases import credits_in_flight, gateway_key
+from billing.payments.purchases import credits_in_flight
 from billing.pricing import PriceBook
 from billing.settlement import booking
 from billing.spending.quota import month_bounds
@@ -480,8 +481,6 @@ async def stuck_payments(limit: int = 100) -> list[uuid.UUID]:
     return [p.id for p in rows]
 
 
-#: Stripe keeps idempotency keys for 24 hours; a charge is repeated with its key only within.
-IDEMPOTENCY_KEY_LIFETIME = timedelta(hours=23)
 #: How long a payment the gateway may still move (3-D Secure waiting, a failure the customer
 #: may retry) is re-read by the sweep, and how often.
 RECHECK_FOR = timedelta(days=3)
@@ -509,51 +508,9 @@ async def payments_to_recheck(limit: int = 100) -> list[uuid.UUID]:
     return [uuid.UUID(str(r["id"])) for r in rows]
 
 
-async def heal_payment(gateway: PaymentGateway, payment_id: uuid.UUID) -> PaymentStatus:
-    """Settle a stuck or unfinished payment from the gateway's own record of it.
+async def _book(payment: Payment) -> None:
+    """Settlement's booker for AUTO_RECHARGE payments (``booking.register_booker``)."""
+    await settle(payment.id)
 
-    With the gateway's id known, re-read it (a PENDING, REQUIRES_ACTION or FAILED payment:
-    the gateway may have moved on). Without (the process died before Stripe answered),
-    repeat the charge with the same idempotency key: Stripe answers with the first
-    PaymentIntent instead of charging again."""
-    payment = await Payment.get(id=payment_id)
-    if payment.status in (PaymentStatus.SUCCEEDED, PaymentStatus.REFUNDED):
-        return payment.status
-    if payment.gateway_payment_id:
-        result = await gateway.retrieve_charge(payment.gateway_payment_id)
-    elif payment.status is not PaymentStatus.PENDING:
-        return payment.status
-    elif sql.now() - payment.created_at > IDEMPOTENCY_KEY_LIFETIME:
-        # Stripe keeps an idempotency key for 24 hours: sent again now, the same key could
-        # charge a second time. Its outcome is for billing staff to look up.
-        await booking.flag(
-            payment.account_id,
-            f"Payment {payment.id} has no gateway answer after a day: look it up at the "
-            "gateway (metadata payment_id) before anything is charged again",
-        )
-        return payment.status
-    else:
-        card = await Card.get_or_none(id=payment.card_id) if payment.card_id else None
-        account = await Account.get(id=payment.account_id)
-        if card is None:
-            result = None
-        else:
-            result = await gateway.charge(
-                ChargeRequest(
-                    customer_id=account.gateway_customer_id or "",
-                    payment_method_id=card.gateway_payment_method_id,
-                    amount_cents=payment.amount_cents,
-                    currency=payment.currency,
-                    idempotency_key=gateway_key(payment.id),
-                    off_session=payment.kind is not PaymentKind.PURCHASE,
-                    description=f"{payment.credits:,} purchase credits",
-                    metadata={"payment_id": str(payment.id), "account_id": payment.account_id},
-                )
-            )
-    async with in_transaction():
-        if result is not None:
-            await booking.settle(payment.id, result)
-        await Payment.filter(id=payment.id).update(gateway_checked_at=sql.now())
-        if payment.kind is PaymentKind.AUTO_RECHARGE:
-            await settle(payment.id)
-    return (await Payment.get(id=payment_id)).status
+
+booking.register_booker(PaymentKind.AUTO_RECHARGE, _book)

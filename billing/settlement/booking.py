@@ -18,13 +18,16 @@ ledger and the notices to match, idempotently. The rules (invariant 9):
   goes back to ``REQUIRES_ACTION`` (it can be finished on the billing page); off-session kinds
   (auto-recharge, invoice) never wait for a customer, so they don't.
 - What a settled payment means besides credits is booked by its kind: an auto-recharge on its
-  setting (``runs.book``), an invoice payment on its invoice (``invoices.settle_payment``).
+  setting (``runs.settle``), an invoice payment on its invoice (``invoices.settle_payment``).
+  Those modules build on this one, so each registers its booker here when it is imported
+  (``register_booker``); settling a kind whose booker is missing raises.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from enum import StrEnum
 
 from billing import sql
@@ -42,6 +45,25 @@ from billing.models import Account, Payment
 from billing.payments.gateways import ChargeResult, ChargeStatus
 
 log = logging.getLogger(__name__)
+
+#: What books a finished payment of a kind on what it paid for (caller's transaction).
+Booker = Callable[[Payment], Awaitable[object]]
+_BOOKERS: dict[PaymentKind, Booker] = {}
+#: A purchase means its credits and nothing more.
+_NOTHING_TO_BOOK = frozenset({PaymentKind.PURCHASE})
+
+
+def register_booker(kind: PaymentKind, booker: Booker) -> None:
+    """Book ``kind``'s finished payments with ``booker`` (called once, at import, by the
+    module that owns the kind: ``billing.recharge.runs``, ``billing.invoices``)."""
+    _BOOKERS[kind] = booker
+
+
+async def book(payment: Payment) -> None:
+    """Book what finished ``payment`` means by its kind again (idempotent, as every booker
+    is): the sweep's second look at a payment it healed."""
+    await _book(payment)
+
 
 _CREDIT_ENTRY = {
     PaymentKind.PURCHASE: (TransactionType.PURCHASE, ProcessType.MANUAL_PURCHASE, "Purchased"),
@@ -220,11 +242,9 @@ async def _succeeded(payment: Payment, seen: ChargeResult, now: object) -> Settl
 
 async def _book(payment: Payment) -> None:
     """What a finished payment means besides credits, by kind (caller's transaction)."""
-    if payment.kind is PaymentKind.AUTO_RECHARGE:
-        from billing.recharge import runs  # recharge runs call settle()
-
-        await runs.settle(payment.id)
-    elif payment.kind is PaymentKind.INVOICE:
-        from billing import invoices  # invoice runs call settle()
-
-        await invoices.settle_payment(payment)
+    if payment.kind in _NOTHING_TO_BOOK:
+        return
+    booker = _BOOKERS.get(payment.kind)
+    if booker is None:  # a programming error: the module that books this kind is not loaded
+        raise RuntimeError(f"no booker registered for {payment.kind} payments")
+    await booker(payment)

@@ -5,9 +5,15 @@ Everything above this package talks to a ``PaymentGateway`` and never to a vendo
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
+
+
+def gateway_key(payment_id: uuid.UUID | str) -> str:
+    """The gateway's idempotency key for a payment row: a retry can never charge twice."""
+    return f"credits-payment-{payment_id}"
 
 
 @dataclass(frozen=True, slots=True)
