@@ -26,14 +26,14 @@ from billing.payments.gateways.sandbox import SandboxGateway
 from runtime.db import migrate
 from runtime.queue import InProcessQueue
 from runtime.settings import Settings
-from tests.gateways import (
+from tests.support.gateways import (
     CountingStripeGateway,
     GatewayHarness,
     SandboxHarness,
     StripeHarness,
     run_localstripe,
 )
-from tests.mailbox import SmtpServer, run_smtp
+from tests.support.mailbox import SmtpServer, run_smtp
 from workers.jobs import all_functions
 
 TEST_SECRET = "test-secret-that-is-long-enough-0123456789"

@@ -61,7 +61,7 @@ def should_mask_error(error: GraphQLError) -> bool:
 
 
 # Room to spare for the billing page, the platform services and GraphiQL's introspection
-# query (tests/test_hardening.py checks them); abusive documents are refused before they run.
+# query (tests/api/test_hardening.py checks them); abusive documents are refused before they run.
 # The depth, alias and field budgets are api/cost.py's.
 MAX_TOKENS = 2_000
 __all__ = ["MAX_ALIASES", "MAX_FIELDS", "MAX_QUERY_DEPTH", "MAX_TOKENS", "build_schema", "schema"]

@@ -28,7 +28,7 @@ BEGIN SELECT RAISE(ABORT, 'ledger_entry is append-only: DELETE refused'); END;
 
 
 # On SQLite, AddConstraint rebuilds the table and loses its secondary indexes (Tortoise
-# 1.1): put them back under the names PostgreSQL keeps. tests/test_schema.py checks both.
+# 1.1): put them back under the names PostgreSQL keeps. tests/api/test_schema.py checks both.
 _SQLITE_REBUILT_INDEXES = """
 CREATE UNIQUE INDEX IF NOT EXISTS uid_free_quota__account_6e633f
     ON free_quota_usage (account_id, process_type, period_start);

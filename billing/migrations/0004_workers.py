@@ -10,7 +10,7 @@ from tortoise.indexes import Index
 from tortoise.migrations.constraints import CheckConstraint
 
 # On SQLite the payment table is rebuilt (its CHECK changes) and loses its secondary
-# indexes (Tortoise 1.1): put them back. tests/test_schema.py checks every index.
+# indexes (Tortoise 1.1): put them back. tests/api/test_schema.py checks every index.
 _SQLITE_PAYMENT_INDEXES = """
 CREATE INDEX IF NOT EXISTS idx_payment_account_49be1c ON payment (account_id, created_at);
 CREATE INDEX IF NOT EXISTS idx_payment_status_f4da9c ON payment (status, updated_at);
