@@ -13,7 +13,7 @@ import asyncio
 import time
 
 import pytest
-from billing.settings import Settings
+from runtime.settings import Settings
 from pydantic import SecretStr
 from starlette.applications import Starlette
 
@@ -193,7 +193,7 @@ def test_json_out_is_compact_and_takes_what_orjson_refuses() -> None:
     import logging
 
     from api.encoding import dumps
-    from billing import logs
+    from runtime import logs
 
     data = {"data": {"consumeCredits": {"balance": 7, "errors": []}}, "é": "ü"}
     assert json.loads(dumps(data)) == data
