@@ -4,7 +4,8 @@
   first in its own time zone) closes last month for every account that needs it, one
   transaction per account, and enqueues each new invoice's charge after its commit.
 - ``charge_invoice`` tries one charge (``billing.invoices.charge_invoice`` owns its
-  transactions: the payment row commits before the gateway is called).
+  transactions: the payment row commits before the gateway is called); the notice it
+  writes is queued right after (``runtime.effects``).
 - ``retry_due_invoices`` (cron) enqueues the invoices whose backoff has run out, and any
   whose first charge was never enqueued (Redis down at month end).
 
@@ -18,10 +19,10 @@ import uuid
 
 from tortoise.transactions import in_transaction
 
-from billing import invoices
+from billing import changes, invoices
 from billing.enums import InvoiceStatus
 from billing.models import Invoice
-from runtime import jobids
+from runtime import effects, jobids
 from runtime.queue import JobFunction, JobQueue
 from workers.context import JobContext
 
@@ -68,7 +69,10 @@ async def charge_invoice(ctx: JobContext, invoice_id: str) -> str:
     except ValueError:
         log.error("charge_invoice: %r is not an invoice id", invoice_id)
         return invoices.ChargeOutcome.NOT_FOUND.value
-    outcome = await invoices.charge_invoice(ctx["gateway"], parsed)
+    with changes.collect() as changed:
+        outcome = await invoices.charge_invoice(ctx["gateway"], parsed)
+    # The invoice's notice (paid, or the charge failed) goes out now, not at the next sweep.
+    await effects.after_commit(changed, queue=ctx.get("queue"), live=ctx.get("live"))
     return outcome.value
 
 

@@ -30,6 +30,7 @@ from tests.conftest import Caller, MakeCaller
 from tests.support.invariants import assert_ledger_consistent
 from tests.support.ops import METERED, REMOVE_CARD, add_card, key
 from workers.invoicing import INVOICE_FUNCTIONS
+from workers.mail import MAIL_FUNCTIONS
 
 AUDIO = "PREMIUM_AUDIO_TRANSCRIPTION"
 CARDS = "BUSINESS_CARD_TRANSCRIPTION"
@@ -67,8 +68,12 @@ class Jobs:
 
 @pytest.fixture
 def jobs(gateway: Any, settings: Settings) -> Jobs:
-    ctx = {"gateway": gateway, "book": load_price_book(settings.price_book_path)}
-    queue = InProcessQueue(INVOICE_FUNCTIONS, ctx)
+    ctx = {
+        "gateway": gateway,
+        "book": load_price_book(settings.price_book_path),
+        "settings": settings,
+    }
+    queue = InProcessQueue({**INVOICE_FUNCTIONS, **MAIL_FUNCTIONS}, ctx)
     queue.ctx["queue"] = queue  # jobs enqueue their follow-ups here
     return Jobs(queue)
 
@@ -193,6 +198,8 @@ async def test_a_month_of_usage_becomes_one_invoice_charged_once(
     assert [(n.dedupe_key, n.recipients) for n in paid] == [
         (f"invoice-paid:{invoice.id}", ["admin@example.com"])
     ]
+    # Sent right after the charge's commit (runtime.effects), with no sweep having run.
+    assert [n.sent_at is not None for n in paid] == [True]
     assert await notices(admin.account_id, "INVOICE_FAILED") == []
 
     # The same success seen again (a Stripe webhook, the sweep) changes nothing.
