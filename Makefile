@@ -9,7 +9,7 @@ RUN_STAMP := $(VENV)/.runtime-$(HASH)
 STAMP  := $(VENV)/.installed-$(HASH)
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: run test test-sqlite lint typecheck schema check-schema token migrate reconcile bench bench-tools clean lock
+.PHONY: run test test-sqlite lint typecheck schema check-schema trusted token migrate reconcile bench bench-tools clean lock
 
 $(PY):
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is needed"'
@@ -55,6 +55,10 @@ schema: $(STAMP)
 check-schema: $(STAMP)
 	$(PY) -m strawberry export-schema api.graphql.schema:schema --output $(VENV)/schema.check.graphql
 	diff -u schema.graphql $(VENV)/schema.check.graphql
+
+## Rewrite the billing page's operations.js (names -> sha256) from its operations.graphql.
+trusted: $(RUN_STAMP)
+	$(PY) -m api.trusted --write
 
 ## Print a development token: make token ACCOUNT=acme ROLES=ADMIN (HEADERS=1: GraphiQL's JSON)
 token: $(RUN_STAMP)

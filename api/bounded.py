@@ -17,7 +17,7 @@ import asyncio
 import functools
 import logging
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,8 @@ from strawberry.extensions import SchemaExtension
 from strawberry.schema.validation_rules.maybe_null import MaybeNullValidationRule
 from strawberry.schema.validation_rules.one_of import OneOfInputValidationRule
 from strawberry.types import ExecutionContext
+
+from api.trusted import Registry
 
 log = logging.getLogger("api.graphql")
 
@@ -84,24 +86,37 @@ class Documents(SchemaExtension):
         *,
         hide_suggestions: bool,
         max_tokens: int,
+        trusted: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.rules = rules
+        #: Trusted documents by their text (``api.trusted.Registry.by_text``): checked at
+        #: start-up, so neither parsed nor validated here.
+        self.trusted = trusted or {}
         self.hide_suggestions = hide_suggestions
         self.max_tokens = max_tokens
 
     def on_parse(self) -> Iterator[None]:
         context = self.execution_context
         if context.query is not None:
-            context.graphql_document = _parse(context.query, self.max_tokens)
+            trusted = self.trusted.get(context.query)
+            if trusted is not None:
+                context.graphql_document = trusted.document
+                # For the guards: the document's facts, worked out at start-up.
+                context.trusted_document = trusted  # type: ignore[attr-defined]
+            else:
+                context.graphql_document = _parse(context.query, self.max_tokens)
         yield
 
     def on_validate(self) -> Iterator[None]:
         context = self.execution_context
         assert context.graphql_document is not None
-        context.pre_execution_errors = _validate(
-            context.schema._schema, context.graphql_document, self.rules, self.hide_suggestions
-        )
+        if getattr(context, "trusted_document", None) is not None:
+            context.pre_execution_errors = []  # validated at start-up
+        else:
+            context.pre_execution_errors = _validate(
+                context.schema._schema, context.graphql_document, self.rules, self.hide_suggestions
+            )
         yield
 
 
@@ -160,6 +175,8 @@ class BoundedSchema(strawberry.Schema):
         super().__init__(*args, **kwargs)
         self.operation_timeout_seconds = operation_timeout_seconds
         self.hide_suggestions = hide_suggestions
+        #: Its trusted documents (``api.trusted.Registry``), set by ``build_schema``.
+        self.trusted = Registry()
 
     def _get_execute_function(self) -> Callable[..., Any]:
         return functools.partial(execute, hide_suggestions=self.hide_suggestions)

@@ -6,21 +6,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
 from typing import Any, cast
 
 import jwt
-from cross_web import HTTPException  # what Strawberry raises for a 4xx
+from cross_web import AsyncHTTPRequestAdapter, HTTPException  # Strawberry raises it for a 4xx
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Message, Receive, Scope, Send
-from starlette.websockets import WebSocket
-from strawberry.asgi import GraphQL
+from starlette.websockets import WebSocket, WebSocketDisconnect
+from strawberry.asgi import ASGIWebSocketAdapter, GraphQL
 from strawberry.exceptions import ConnectionRejectionError
+from strawberry.http import GraphQLRequestData
+from strawberry.http.exceptions import WebSocketDisconnected
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 from strawberry.types import ExecutionResult
 from strawberry.types.unset import UNSET, UnsetType
@@ -40,6 +43,7 @@ from api.errors import (
 )
 from api.graphiql import graphiql_page
 from api.graphql.schema import build_schema
+from api.trusted import Registry
 from billing.accounts import ensure_account, record_member
 from billing.enums import Role
 from runtime.settings import Settings
@@ -51,15 +55,30 @@ ANONYMOUS = Principal(user_id="", account_id="", roles=frozenset())
 MAX_OPERATIONS_PER_SOCKET = 20
 
 
+class TextFrames(ASGIWebSocketAdapter):
+    """graphql-transport-ws messages as text frames: ``encode_json`` gives bytes (orjson),
+    which Strawberry would send as binary frames, and a browser's ``JSON.parse`` of a
+    binary frame (a Blob) fails (the billing page's live balance)."""
+
+    async def send_json(self, message: Mapping[str, object]) -> None:
+        try:
+            await self.ws.send_text(encoding.dumps(message).decode("utf-8"))
+        except WebSocketDisconnect as exc:
+            raise WebSocketDisconnected from exc
+
+
 class CreditsGraphQL(GraphQL[Context, None]):
     """Strawberry's ASGI app with our context (the principal is set by ``GraphQLEndpoint``)."""
+
+    websocket_adapter_class = TextFrames
 
     def encode_json(self, data: object) -> bytes:
         return encoding.dumps(data)  # orjson
 
     def __init__(self, services: Services) -> None:
+        schema = build_schema(services.settings)  # its trusted documents checked
         super().__init__(
-            build_schema(services.settings),
+            schema,
             graphql_ide="graphiql" if services.settings.show_graphiql else None,
             allow_queries_via_get=False,
             subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL,),
@@ -71,6 +90,7 @@ class CreditsGraphQL(GraphQL[Context, None]):
             max_subscriptions_per_connection=MAX_OPERATIONS_PER_SOCKET,
         )
         self.services = services
+        self.trusted: Registry = schema.trusted
         #: Set by ``GraphQLEndpoint``: records the caller a websocket authenticated.
         self.provision: Callable[[Principal], Awaitable[None]] | None = None
 
@@ -87,6 +107,28 @@ class CreditsGraphQL(GraphQL[Context, None]):
         if not isinstance(value, dict | list):  # Strawberry would answer a bare 500
             raise HTTPException(400, "The request body must be a JSON object")
         return value  # a list (a batch) is refused by Strawberry: batching is off
+
+    async def execute_single(
+        self,
+        request: Request,
+        request_adapter: AsyncHTTPRequestAdapter,
+        sub_response: Response,
+        context: Context,
+        root_value: None,
+        request_data: GraphQLRequestData,
+    ) -> ExecutionResult:
+        """A trusted document sent by its hash (``api.trusted``) runs its stored text; an
+        unknown hash, or a hash that is not the ``query``'s, is answered with an error."""
+        query, error = self.trusted.resolve(request_data.query, request_data.extensions)
+        if error is not None:
+            # As Apollo Server: never cached, HTTP 200 for PERSISTED_QUERY_NOT_FOUND.
+            sub_response.headers["Cache-Control"] = "private, no-cache, must-revalidate"
+            return ExecutionResult(data=None, errors=[error])
+        if query is not request_data.query:
+            request_data = dataclasses.replace(request_data, query=query)
+        return await super().execute_single(
+            request, request_adapter, sub_response, context, root_value, request_data
+        )
 
     async def process_result(self, request: Request, result: ExecutionResult) -> Any:
         """With ``application/graphql-response+json``, real status codes (``api.errors``)."""

@@ -116,6 +116,8 @@ def status_for(response: dict[str, Any]) -> int:
     if not errors or response.get("data") is not None:
         return 200
     codes = {str((e.get("extensions") or {}).get("code") or "") for e in errors}
+    if codes == {"PERSISTED_QUERY_NOT_FOUND"}:
+        return 200  # as Apollo Server: its clients then send the text (api.trusted)
     if all(not e.get("path") for e in errors) and not codes & {INTERNAL, UNAVAILABLE}:
         status = 403 if "FORBIDDEN" in codes else 400  # a request error: nothing ran
     elif UNAVAILABLE in codes:

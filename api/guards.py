@@ -189,7 +189,11 @@ class Guards(SchemaExtension):
         context = self.execution_context
         ctx = context.context
         document = context.graphql_document
-        facts = facts_for(context.query, document) if document is not None else None
+        trusted = getattr(context, "trusted_document", None)  # api.bounded.Documents
+        if trusted is not None:
+            facts: DocumentFacts | None = trusted.facts  # worked out at start-up
+        else:
+            facts = facts_for(context.query, document) if document is not None else None
         # ``operation_name`` falls back to the first operation's: ask what the client sent.
         named: str | None = getattr(context, "_provided_operation_name", None)
         operation = facts.operation(named) if facts is not None else None

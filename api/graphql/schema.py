@@ -20,6 +20,7 @@ from api.graphql import settings as account_settings
 from api.graphql.types import Role
 from api.guards import Guards
 from api.metrics import MetricsExtension
+from api.trusted import Registry
 from runtime.settings import Settings
 
 
@@ -76,23 +77,27 @@ def hardening_rules(settings: Settings | None = None) -> list[type[ASTValidation
     return rules
 
 
-def build_schema(settings: Settings | None = None) -> strawberry.Schema:
+def build_schema(settings: Settings | None = None) -> BoundedSchema:
     """The schema with its hardening. Introspection follows ``settings`` (on without them:
     ``make schema`` exports the default ``schema`` below)."""
     # Made once per schema, so the validation cache hits.
     rules = all_rules(hardening_rules(settings))
     hide = settings is not None and not settings.suggestions_enabled
+    trusted = Registry()  # filled (and checked) once the schema exists, below
     extensions: list[Callable[[], SchemaExtension]] = [
         MetricsExtension,  # first: it times everything the others do
         # Parsed (at most MAX_TOKENS tokens) and validated once per distinct document.
-        lambda: Documents(rules, hide_suggestions=hide, max_tokens=MAX_TOKENS),
+        # Trusted documents (api/trusted.py) were checked at start-up: neither.
+        lambda: Documents(
+            rules, hide_suggestions=hide, max_tokens=MAX_TOKENS, trusted=trusted.by_text
+        ),
         # Refusals before anything runs: a websocket's expired token, a missing
         # operationName, api/permissions.py's table, unstorable text, a POSTed
         # subscription; and the variables as sent, for given_fields.
         Guards,
         lambda: CodedMaskErrors(should_mask_error=should_mask_error),
     ]
-    return BoundedSchema(
+    schema = BoundedSchema(
         query=Query,
         mutation=Mutation,
         subscription=Subscription,
@@ -103,6 +108,9 @@ def build_schema(settings: Settings | None = None) -> strawberry.Schema:
         else DEFAULT_OPERATION_TIMEOUT_SECONDS,
         hide_suggestions=hide,
     )
+    # Validated against this schema with the same rules; one that fails stops the start-up.
+    schema.trusted = trusted.load(schema._schema, rules.rules, hide_suggestions=hide)
+    return schema
 
 
 schema = build_schema()

@@ -26,7 +26,7 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # tests/system/ -> the checkout
 LAYERS = ("api", "billing", "runtime", "workers")
 
 #: Which layers a layer may import (its own included).

@@ -1,6 +1,8 @@
 // The page's only way in: the public GraphQL API (and the CSV report), with the platform's
 // bearer token from session storage.
 
+import { OPERATIONS } from "./operations.js";
+
 const TOKEN_KEY = "purchase-credits.token";
 
 export class SignInNeeded extends Error {}
@@ -22,7 +24,11 @@ export function token() {
 /** A network failure (no answer at all): the same request may be sent again. */
 export class NetworkError extends Error {}
 
-export async function gql(query, variables = {}) {
+/** Run one of the page's operations (operations.graphql) by its name: the page sends its
+ * trusted document's id (sha256), never the text (api/trusted.py). */
+export async function gql(operationName, variables = {}) {
+  const sha256Hash = OPERATIONS[operationName];
+  if (!sha256Hash) throw new Error(`Unknown operation ${operationName}.`);
   const t = token();
   if (!t) throw new SignInNeeded("You are not signed in.");
   let response;
@@ -30,7 +36,9 @@ export async function gql(query, variables = {}) {
     response = await fetch("/graphql", {
       method: "POST",
       headers: { "Content-Type": "application/json", Authorization: `Bearer ${t}` },
-      body: JSON.stringify({ query, variables }),
+      body: JSON.stringify({
+        operationName, variables, extensions: { persistedQuery: { version: 1, sha256Hash } },
+      }),
     });
   } catch (err) {
     throw new NetworkError(`The service could not be reached (${err.message}).`);

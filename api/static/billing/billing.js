@@ -8,26 +8,6 @@ const $ = (sel, root = document) => root.querySelector(sel);
 const config = JSON.parse($("#config")?.textContent ?? "{}");
 const state = { pricing: null, account: null, viewer: null, cursor: null, users: new Map() };
 
-const CARD = "id brand last4 expMonth expYear cardholderName isPrimary billingAddress { line1 line2 city state postalCode country }";
-const AUTO = "status enabled trigger intervalDays thresholdCredits rechargeCredits usePrimaryCard card { id brand last4 } notify notifyEmails monthlyLimitCredits nextRunAt lastRunAt consecutiveFailures pausedReason";
-const PAYMENT = "id status credits amountCents currency clientSecret failureMessage createdAt card { brand last4 }";
-const ERRORS = "errors { code field message }";
-const TX = "id createdAt type processType credits balanceAfter description reference user { userId email name }";
-
-const ACCOUNT_QUERY = `{
-  viewer { userId accountId roles email name }
-  creditPricing { centsPerCredit currency minPurchaseCredits maxPurchaseCredits processes { processType billing freeMonthlyQuota } }
-  creditAccount {
-    balance
-    lowBalanceAlert { enabled levelCredits isLow }
-    cards { ${CARD} }
-    autoRecharge { ${AUTO} }
-    freeQuotas { processType allowance used periodEnd }
-    invoices { id periodStart status amountCents carriedInCents currency paidAt failureMessage }
-    payments(statuses: [REQUIRES_ACTION], first: 10) { edges { node { ${PAYMENT} } } }
-  }
-}`;
-
 // ---------------------------------------------------------------- words and numbers
 
 const numberFmt = new Intl.NumberFormat();
@@ -126,7 +106,7 @@ function renderAccount() {
 }
 
 async function reload() {
-  const data = await gql(ACCOUNT_QUERY);
+  const data = await gql("BillingAccount");
   state.viewer = data.viewer;
   state.pricing = data.creditPricing;
   state.account = data.creditAccount;
@@ -184,14 +164,14 @@ async function cardAction(work, done) {
 }
 
 function makePrimary(card) {
-  return cardAction(async () => (await gql(`mutation($id: ID!) { setPrimaryCard(input: {cardId: $id}) { card { id } ${ERRORS} } }`, { id: card.id })).setPrimaryCard,
+  return cardAction(async () => (await gql("SetPrimaryCard", { id: card.id })).setPrimaryCard,
     `${cardWords(card)} is now the primary card.`);
 }
 
 function removeCard(card) {
   if (!confirm(`Remove ${cardWords(card)}?`)) return undefined;
   return cardAction(async () => {
-    const payload = (await gql(`mutation($id: ID!) { removeCard(input: {cardId: $id}) { removedCardId ${ERRORS} } }`, { id: card.id })).removeCard;
+    const payload = (await gql("RemoveCard", { id: card.id })).removeCard;
     for (const e of payload.errors) {
       if (e.code === "LAST_CARD") e.message = `This is your only card, so it can't be removed here. To remove it without replacing it, contact ${config.support}.`;
     }
@@ -263,7 +243,6 @@ async function saveCard(event) {
   error.textContent = "";
   const name = form.cardholderName.value.trim() || null;
   const address = addressInput(form);
-  const update = `mutation($input: UpdateCardInput!) { updateCard(input: $input) { card { id } ${ERRORS} } }`;
   try {
     await guarded(async () => {
       let cardId = editing?.id;
@@ -272,7 +251,7 @@ async function saveCard(event) {
         if (config.gateway === "stripe") {
           // Stripe Elements: the card number goes to Stripe only. A SetupIntent saves it
           // for later off-session charges (3-D Secure now, if the bank asks).
-          const setup = (await gql(`mutation { startCardSetup { clientSecret ${ERRORS} } }`)).startCardSetup;
+          const setup = (await gql("StartCardSetup")).startCardSetup;
           if (setup.errors.length) throw new Error(setup.errors.map((e) => e.message).join(" "));
           // Stripe.js may show the bank's challenge over the page: a modal <dialog> would
           // leave it inert, so the dialog steps aside meanwhile.
@@ -284,7 +263,7 @@ async function saveCard(event) {
           if (e) throw new Error(e.message || "The card could not be saved.");
           pm = typeof setupIntent.payment_method === "string" ? setupIntent.payment_method : setupIntent.payment_method.id;
         }
-        const added = (await gql(`mutation($pm: String!, $primary: Boolean) { addCard(input: {paymentMethodId: $pm, makePrimary: $primary}) { card { id } ${ERRORS} } }`,
+        const added = (await gql("AddCard",
           { pm, primary: form.makePrimary.checked })).addCard;
         if (added.errors.length) throw new Error(added.errors.map((e) => e.message).join(" "));
         cardId = added.card.id;
@@ -295,7 +274,7 @@ async function saveCard(event) {
         input.expMonth = Number(form.expMonth.value);
         input.expYear = Number(form.expYear.value);
       }
-      const payload = (await gql(update, { input })).updateCard;
+      const payload = (await gql("UpdateCard", { input })).updateCard;
       if (payload.errors.length) throw new Error(payload.errors.map((e) => e.message).join(" "));
       await reload();
       $("#card-dialog").close();
@@ -370,7 +349,7 @@ async function confirmPurchase() {
   const button = $("#buy-confirm");
   button.disabled = true;
   try {
-    const payload = (await gql(`mutation($input: PurchaseCreditsInput!) { purchaseCredits(input: $input) { payment { ${PAYMENT} } balance ${ERRORS} } }`,
+    const payload = (await gql("PurchaseCredits",
       { input: { credits: purchase.credits, idempotencyKey: purchase.key, cardId: purchase.cardId } })).purchaseCredits;
     await settle(payload);
   } catch (err) {
@@ -438,7 +417,7 @@ async function sandboxAnswer(approve) {
 
 async function finishAuthentication() {
   try {
-    const payload = (await gql(`mutation($id: ID!) { confirmPurchase(input: {paymentId: $id}) { payment { ${PAYMENT} } balance ${ERRORS} } }`,
+    const payload = (await gql("ConfirmPurchase",
       { id: purchase.payment.id })).confirmPurchase;
     if (payload.payment?.status === "REQUIRES_ACTION") {
       outcome("The payment still waits for authentication. It is listed under Purchases waiting for authentication.");
@@ -508,7 +487,7 @@ async function saveGear(event) {
     for (const k of Object.keys(input)) if (k !== "enabled") delete input[k];
   }
   try {
-    const payload = await guarded(async () => (await gql(`mutation($input: AutoRechargeInput!) { updateAutoRecharge(input: $input) { autoRecharge { ${AUTO} } ${ERRORS} } }`, { input })).updateAutoRecharge);
+    const payload = await guarded(async () => (await gql("UpdateAutoRecharge", { input })).updateAutoRecharge);
     if (!payload) return;
     if (payload.errors.length) {
       $("#gear-error").textContent = payload.errors.map((e) => e.message).join(" ");
@@ -539,7 +518,7 @@ async function saveAlert(event) {
   const form = $("#alert-form");
   const input = { enabled: form.enabled.checked, levelCredits: numberOrNull(form.levelCredits) };
   try {
-    const payload = await guarded(async () => (await gql(`mutation($input: LowBalanceAlertInput!) { updateLowBalanceAlert(input: $input) { lowBalanceAlert { enabled levelCredits isLow } ${ERRORS} } }`, { input })).updateLowBalanceAlert);
+    const payload = await guarded(async () => (await gql("UpdateLowBalanceAlert", { input })).updateLowBalanceAlert);
     if (!payload) return;
     if (payload.errors.length) {
       $("#alert-error").textContent = payload.errors.map((e) => e.message).join(" ");
@@ -590,7 +569,7 @@ async function loadHistory({ more = false } = {}) {
   const filter = currentFilter();
   if (filter.from >= filter.to) { status.textContent = "The start of the time frame must be before its end."; return; }
   status.textContent = "Loading…";
-  const data = await guarded(() => gql(`query($filter: TransactionFilter, $after: String) { creditAccount { transactions(filter: $filter, first: 50, after: $after) { edges { node { ${TX} } } pageInfo { hasNextPage endCursor } } } }`,
+  const data = await guarded(() => gql("Transactions",
     { filter, after: more ? state.cursor : null }));
   if (!data) return;
   const page = data.creditAccount.transactions;
@@ -624,7 +603,7 @@ function refreshUsers() {
 
 async function loadUsage() {
   const [from, to] = frame();
-  const data = await guarded(() => gql(`query($from: DateTime!, $to: DateTime!) { creditAccount { usage(from: $from, to: $to, interval: DAY) { start processType units freeUnits credits meteredCents } } }`,
+  const data = await guarded(() => gql("Usage",
     { from: from.toISOString(), to: to.toISOString() }));
   if (!data) return;
   const buckets = data.creditAccount.usage;
@@ -728,7 +707,7 @@ async function start() {
   if (!token()) { signIn("You are not signed in."); return; }
   wire();
   try {
-    const who = await gql("{ viewer { userId accountId roles email name } }");
+    const who = await gql("Viewer");
     if (!who.viewer.roles.includes("ADMIN")) {
       $("#noadmin-who").textContent = `Signed in as ${person({ ...who.viewer })}. Billing questions: ${config.support}.`;
       show("#noadmin");
