@@ -22,7 +22,13 @@ from billing.errors import Validator, fail
 from billing.ledger import posting
 from billing.models import Account, AutoRechargeSetting, Card
 from billing.notifications import outbox
-from billing.payments.gateways import Address, CardDetails, CardRejected, PaymentGateway
+from billing.payments.gateways import (
+    Address,
+    CardChanges,
+    CardDetails,
+    CardRejected,
+    PaymentGateway,
+)
 
 MAX_CARDS = 20
 MAX_NAME = 200
@@ -210,10 +216,7 @@ async def update(
     try:
         await gateway.update_card(
             card.gateway_payment_method_id,
-            exp_month=exp_month,
-            exp_year=exp_year,
-            cardholder_name=cardholder_name,
-            address=address,
+            CardChanges(exp_month, exp_year, cardholder_name, address),
         )
     except CardRejected as exc:
         raise fail(ErrorCode.CARD_DECLINED, exc.message, "cardId") from exc

@@ -213,8 +213,24 @@ class EntryResult:
     balance: int
 
 
-async def _replay_entry(account_id: str, result: dict[str, object]) -> EntryResult:
-    entry = await LedgerEntry.get(id=result["entry_id"], account_id=account_id)
+async def _claim_entry(
+    account_id: str, idempotency_key: str, operation: str, fingerprint: dict[str, object]
+) -> tuple[uuid.UUID, EntryResult | None]:
+    """Claim ``idempotency_key`` for a staff or reversal entry: the id the new entry will
+    have, and the earlier result when the key was already used for the same request
+    (``idempotency.claim`` raises for another request under the same key)."""
+    new_id = uuid.uuid4()
+    replay = await idempotency.claim(
+        account_id, idempotency_key, operation, fingerprint, {"entry_id": str(new_id)}
+    )
+    if replay is None:
+        return new_id, None
+    entry = await LedgerEntry.get(id=replay.result["entry_id"], account_id=account_id)
+    return new_id, EntryResult(entry, entry.balance_after)
+
+
+async def _post(movement: Movement) -> EntryResult:
+    entry = await posting.post(movement)
     return EntryResult(entry, entry.balance_after)
 
 
@@ -241,22 +257,20 @@ async def reverse_usage(
     if original is None:
         raise fail(ErrorCode.NOT_FOUND, "No such transaction.", "transactionId")
     account_id = original.account_id
-    new_id = uuid.uuid4()
-    replay = await idempotency.claim(
+    new_id, replayed = await _claim_entry(
         account_id,
         idempotency_key,
         "reverseUsage",
         {"transactionId": str(original.id), "reason": reason},
-        {"entry_id": str(new_id)},
     )
-    if replay is not None:
-        return await _replay_entry(account_id, replay.result)
+    if replayed is not None:
+        return replayed
     if original.type is not TransactionType.USAGE:
         raise fail(ErrorCode.VALIDATION, "Only usage can be reversed.", "transactionId")
     await posting.lock_account(account_id)
     if await LedgerEntry.exists(reverses_entry_id=original.id):
         raise fail(ErrorCode.VALIDATION, "This usage was already reversed.", "transactionId")
-    entry = await posting.post(
+    return await _post(
         Movement(
             account_id=account_id,
             credits=-original.credits,
@@ -270,7 +284,6 @@ async def reverse_usage(
             entry_id=new_id,
         )
     )
-    return EntryResult(entry, entry.balance_after)
 
 
 async def grant_or_adjust(
@@ -299,19 +312,14 @@ async def grant_or_adjust(
     idempotency.check_key(idempotency_key)
     await ensure_account(account_id)
     operation = "adjustCredits" if adjust else "grantCredits"
-    new_id = uuid.uuid4()
-    replay = await idempotency.claim(
-        account_id,
-        idempotency_key,
-        operation,
-        {"credits": credits, "reason": reason},
-        {"entry_id": str(new_id)},
+    new_id, replayed = await _claim_entry(
+        account_id, idempotency_key, operation, {"credits": credits, "reason": reason}
     )
-    if replay is not None:
-        return await _replay_entry(account_id, replay.result)
+    if replayed is not None:
+        return replayed
     kind = TransactionType.ADJUSTMENT if adjust else TransactionType.GRANT
     label = "Adjustment" if adjust else "Credits granted"
-    entry = await posting.post(
+    return await _post(
         Movement(
             account_id=account_id,
             credits=credits,
@@ -322,7 +330,6 @@ async def grant_or_adjust(
             entry_id=new_id,
         )
     )
-    return EntryResult(entry, entry.balance_after)
 
 
 async def record_metered(

@@ -18,7 +18,7 @@ from api.asgi import create_app
 from api.auth import issue_token
 from billing import sql
 from billing.enums import Role
-from billing.payments.gateways import Address, CardDetails, ChargeRequest, ChargeResult
+from billing.payments.gateways import CardChanges, CardDetails, ChargeRequest, ChargeResult
 from billing.payments.gateways.sandbox import SandboxGateway
 from runtime.queue import InProcessQueue
 from runtime.settings import Settings
@@ -43,23 +43,9 @@ class WatchedSandbox(SandboxGateway):
         self._note("attach_card")
         return await super().attach_card(customer_id, payment_method_id)
 
-    async def update_card(
-        self,
-        payment_method_id: str,
-        *,
-        exp_month: int | None,
-        exp_year: int | None,
-        cardholder_name: str | None,
-        address: Address | None,
-    ) -> None:
+    async def update_card(self, payment_method_id: str, changes: CardChanges) -> None:
         self._note("update_card")
-        await super().update_card(
-            payment_method_id,
-            exp_month=exp_month,
-            exp_year=exp_year,
-            cardholder_name=cardholder_name,
-            address=address,
-        )
+        await super().update_card(payment_method_id, changes)
 
     async def start_card_setup(self, customer_id: str) -> str:
         self._note("start_card_setup")

@@ -198,7 +198,7 @@ class StripeModel:
         last4 = "3155" if "auth" in payment_method_id else "4242"
         return CardDetails(f"{payment_method_id}_{secrets.token_hex(3)}", "visa", last4, 12, 2034)
 
-    async def update_card(self, payment_method_id: str, **_: Any) -> None:
+    async def update_card(self, payment_method_id: str, changes: Any) -> None:
         return None
 
     async def set_default_card(self, customer_id: str, payment_method_id: str) -> None:

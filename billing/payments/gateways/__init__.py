@@ -156,6 +156,16 @@ class GatewayUnavailable(Exception):
     """The gateway could not be reached or answered with a server error; safe to retry."""
 
 
+@dataclass(frozen=True, slots=True)
+class CardChanges:
+    """What ``update_card`` changes on a saved card; None leaves a field as it is."""
+
+    exp_month: int | None = None
+    exp_year: int | None = None
+    cardholder_name: str | None = None
+    address: Address | None = None
+
+
 class PaymentGateway(Protocol):
     name: str
 
@@ -163,15 +173,7 @@ class PaymentGateway(Protocol):
 
     async def attach_card(self, customer_id: str, payment_method_id: str) -> CardDetails: ...
 
-    async def update_card(
-        self,
-        payment_method_id: str,
-        *,
-        exp_month: int | None,
-        exp_year: int | None,
-        cardholder_name: str | None,
-        address: Address | None,
-    ) -> None: ...
+    async def update_card(self, payment_method_id: str, changes: CardChanges) -> None: ...
 
     async def set_default_card(self, customer_id: str, payment_method_id: str) -> None: ...
 

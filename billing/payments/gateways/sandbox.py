@@ -11,7 +11,7 @@ import secrets
 from dataclasses import dataclass
 
 from billing.payments.gateways import (
-    Address,
+    CardChanges,
     CardDetails,
     CardRejected,
     ChargeRequest,
@@ -139,15 +139,7 @@ class SandboxGateway:
         )
         return CardDetails(pm_id, card.brand, card.last4, TEST_EXP_MONTH, TEST_EXP_YEAR)
 
-    async def update_card(
-        self,
-        payment_method_id: str,
-        *,
-        exp_month: int | None,
-        exp_year: int | None,
-        cardholder_name: str | None,
-        address: Address | None,
-    ) -> None:
+    async def update_card(self, payment_method_id: str, changes: CardChanges) -> None:
         if _kind_of(payment_method_id) is None:
             raise CardRejected(f"No such PaymentMethod: '{payment_method_id}'", unknown=True)
 

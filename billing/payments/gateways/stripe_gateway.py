@@ -16,6 +16,7 @@ import stripe
 
 from billing.payments.gateways import (
     Address,
+    CardChanges,
     CardDetails,
     CardRejected,
     ChargeRequest,
@@ -180,23 +181,16 @@ class StripeGateway:
             raise CardRejected("Only cards can be added.", code="unsupported", unknown=True)
         return _card_details(data)
 
-    async def update_card(
-        self,
-        payment_method_id: str,
-        *,
-        exp_month: int | None,
-        exp_year: int | None,
-        cardholder_name: str | None,
-        address: Address | None,
-    ) -> None:
+    async def update_card(self, payment_method_id: str, changes: CardChanges) -> None:
         params: dict[str, Any] = {}
-        card = {k: v for k, v in (("exp_month", exp_month), ("exp_year", exp_year)) if v}
+        exp = (("exp_month", changes.exp_month), ("exp_year", changes.exp_year))
+        card = {k: v for k, v in exp if v}
         if card:
             params["card"] = card
         billing: dict[str, Any] = {}
-        if cardholder_name is not None:
-            billing["name"] = cardholder_name
-        if address is not None:
+        if changes.cardholder_name is not None:
+            billing["name"] = changes.cardholder_name
+        if (address := changes.address) is not None:
             billing["address"] = {
                 "line1": address.line1 or "",
                 "line2": address.line2 or "",
