@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import jwt
 import pytest
@@ -20,11 +21,11 @@ async def _post(http, token: str | None, query: str = VIEWER):  # type: ignore[n
     return await http.post("/graphql", json={"query": query}, headers=headers)
 
 
-def _token(claims: dict, secret: str = TEST_SECRET, alg: str = "HS256") -> str:
+def _token(claims: dict[str, Any], secret: str = TEST_SECRET, alg: str = "HS256") -> str:
     return jwt.encode(claims, secret, algorithm=alg)
 
 
-def _claims(**over: object) -> dict:
+def _claims(**over: object) -> dict[str, Any]:
     base = {
         "sub": "u1",
         "account_id": "acct-auth",

@@ -289,7 +289,7 @@ async def test_sync_verify_token_uses_cached_keys_only(idp: JwksServer) -> None:
 
 
 def test_production_needs_a_jwks_or_a_secret() -> None:
-    stripe = {
+    stripe: dict[str, Any] = {
         "payment_gateway": "stripe",
         "stripe_api_key": "sk_test_x",
         "stripe_webhook_secret": "whsec_x",

@@ -13,13 +13,13 @@ import asyncio
 import time
 
 import pytest
-from billing.settings import Settings
 from pydantic import SecretStr
 from starlette.applications import Starlette
 
 from api import auth
 from api.auth import AuthError, authenticate, issue_token, jwks_keys, verify_token
 from billing.enums import Role
+from runtime.settings import Settings
 from tests.api.test_jwks import K1, K2, MakeApp, _settle, client, idp, make_app, post, production
 from tests.conftest import TEST_SECRET, MakeCaller, new_key
 from tests.support.identity import AUDIENCE, JwksServer
@@ -193,7 +193,7 @@ def test_json_out_is_compact_and_takes_what_orjson_refuses() -> None:
     import logging
 
     from api.encoding import dumps
-    from billing import logs
+    from runtime import logs
 
     data = {"data": {"consumeCredits": {"balance": 7, "errors": []}}, "é": "ü"}
     assert json.loads(dumps(data)) == data

@@ -29,13 +29,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import httpx
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]
 import pytest
-import yaml
+import yaml  # type: ignore[import-untyped]
 from dotenv import dotenv_values
 
 from runtime.settings import DEV_JWT_SECRET, Settings
@@ -76,11 +76,12 @@ BLOCK_NETWORK = (
 
 
 def compose() -> dict[str, Any]:
-    return yaml.safe_load(COMPOSE.read_text())  # resolves the x-app anchor (<<: *app)
+    # yaml resolves the x-app anchor (<<: *app)
+    return cast("dict[str, Any]", yaml.safe_load(COMPOSE.read_text()))
 
 
 def services() -> dict[str, dict[str, Any]]:
-    return compose()["services"]
+    return cast("dict[str, dict[str, Any]]", compose()["services"])
 
 
 def env_example() -> dict[str, str]:
@@ -475,7 +476,7 @@ def stop(proc: subprocess.Popen[str], grace: float) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-        pytest.fail(f"{proc.args} did not stop within {grace} s of SIGTERM")
+        pytest.fail(f"{proc.args!r} did not stop within {grace} s of SIGTERM")
 
 
 def grace_seconds(service: dict[str, Any]) -> float:

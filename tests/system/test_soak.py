@@ -18,6 +18,7 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -103,7 +104,9 @@ async def _traffic(base: str, pid: int) -> tuple[Counter[str], list[tuple[int, i
     rng = random.Random(7)
     async with httpx.AsyncClient(base_url=base, timeout=30) as client:
 
-        async def gql(headers: dict[str, str], query: str, variables: dict | None = None) -> dict:
+        async def gql(
+            headers: dict[str, str], query: str, variables: dict[str, Any] | None = None
+        ) -> dict[str, Any]:
             r = await client.post(
                 "/graphql", json={"query": query, "variables": variables or {}}, headers=headers
             )
