@@ -122,7 +122,7 @@ def settings(db_url: str, gateway_name: str, request: pytest.FixtureRequest) -> 
         credits_env="development",
         payment_gateway=gateway_name,
         periodic_seconds=0,  # tests run the periodic jobs themselves
-        _env_file=None,  # type: ignore[call-arg]
+        _env_file=None,
         **extra,
     )
 

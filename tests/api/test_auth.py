@@ -122,6 +122,6 @@ def test_short_secret_refuses_to_start() -> None:
     from runtime.settings import Settings
 
     with pytest.raises(ValidationError, match="at least 32 bytes"):
-        Settings(credits_jwt_secret="short", _env_file=None)  # type: ignore[call-arg]
+        Settings(credits_jwt_secret="short", _env_file=None)
     with pytest.raises(ValidationError, match="required"):
-        Settings(credits_env="production", _env_file=None)  # type: ignore[call-arg]
+        Settings(credits_env="production", _env_file=None)

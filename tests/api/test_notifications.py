@@ -413,7 +413,7 @@ async def test_log_mailer_logs_the_mail(account: str, caplog: pytest.LogCaptureF
 
 def test_make_mailer_from_settings() -> None:
     def settings(**kw: Any) -> Settings:
-        return Settings(_env_file=None, **kw)  # type: ignore[call-arg]
+        return Settings(_env_file=None, **kw)
 
     assert isinstance(make_mailer(settings(smtp_url=None)), LogMailer)
 

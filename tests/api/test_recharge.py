@@ -352,7 +352,7 @@ async def test_sweep_settles_a_payment_stuck_in_pending(
     result = await runs.run(
         crash,
         queue.ctx["book"],
-        admin.account_id,  # type: ignore[arg-type]
+        admin.account_id,
         AutoRechargeTrigger.THRESHOLD,
     )
     assert result.outcome == "pending" and crash.charged == 1

@@ -284,7 +284,7 @@ async def test_crash_after_charge_is_healed_by_the_event(
         await purchases.purchase_credits(
             ChargeThenCrash(stripe_harness.gateway),
             book,
-            account_id=admin.account_id,  # type: ignore[arg-type]
+            account_id=admin.account_id,
             user_id=admin.user_id,
             credits=300,
             card_id=None,

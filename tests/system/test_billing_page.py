@@ -142,7 +142,7 @@ def browser_context(browser: Browser) -> Iterator[BrowserContext]:
 
 
 def _token(account: str, *roles: Role, user: str = "ada", ttl: int = 3600) -> str:
-    settings = Settings(credits_jwt_secret=TEST_SECRET, _env_file=None)  # type: ignore[call-arg]
+    settings = Settings(credits_jwt_secret=TEST_SECRET, _env_file=None)
     return issue_token(
         settings,
         account_id=account,

@@ -314,7 +314,7 @@ def test_every_command_is_a_real_entry_point(monkeypatch: pytest.MonkeyPatch) ->
 def test_health_checks_use_the_apps_own_routes() -> None:
     from api.asgi import create_app
 
-    app = create_app(Settings(_env_file=None))  # type: ignore[call-arg]
+    app = create_app(Settings(_env_file=None))
     routes = {getattr(route, "path", None) for route in app.routes}
     api_check = healthcheck_argv(services()["api"])[2]
     image_check = dockerfile_healthcheck()[2]
@@ -360,7 +360,7 @@ def test_env_example_is_a_valid_production_configuration(
     for var in SETTING_VARS:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(tmp_path)
-    settings = Settings(_env_file=ENV_EXAMPLE)  # type: ignore[call-arg]  # production validators
+    settings = Settings(_env_file=ENV_EXAMPLE)  # production validators
     assert settings.is_production and not settings.show_graphiql
     assert settings.payment_gateway == "stripe" and settings.job_queue == "arq"
     # RS256 against the identity provider's JWKS (or, instead, a real HS256 secret).

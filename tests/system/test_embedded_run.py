@@ -78,7 +78,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def _token(*roles: Role, account: str = "acme", user: str = "admin-1") -> str:
-    settings = Settings(credits_jwt_secret=TEST_SECRET, _env_file=None)  # type: ignore[call-arg]
+    settings = Settings(credits_jwt_secret=TEST_SECRET, _env_file=None)
     return issue_token(
         settings, account_id=account, user_id=user, roles=roles, email=f"{user}@example.com"
     )

@@ -65,7 +65,7 @@ PURCHASE = (
 
 
 def _token(account: str, *roles: Role) -> str:
-    settings = Settings(credits_jwt_secret=SECRET, _env_file=None)  # type: ignore[call-arg]
+    settings = Settings(credits_jwt_secret=SECRET, _env_file=None)
     return issue_token(settings, account_id=account, user_id="soak", roles=roles)
 
 

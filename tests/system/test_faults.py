@@ -542,7 +542,7 @@ def test_postgres_restarted_under_a_running_api(
 ) -> None:
     """The API keeps running while its PostgreSQL restarts: requests fail while it is down
     (and write nothing), and succeed again after it is back, without restarting the API."""
-    settings = Settings(credits_jwt_secret=SECRET, _env_file=None)  # type: ignore[call-arg]
+    settings = Settings(credits_jwt_secret=SECRET, _env_file=None)
     account = f"acct-{uuid.uuid4().hex[:10]}"
     staff = issue_token(
         settings, account_id="vendor", user_id="staff-1", roles=(Role.BILLING_STAFF,)
@@ -640,7 +640,7 @@ def test_postgres_restarted_many_times_under_load(
     ledger once (retried with its key after the faults)."""
     import threading
 
-    settings = Settings(credits_jwt_secret=SECRET, _env_file=None)  # type: ignore[call-arg]
+    settings = Settings(credits_jwt_secret=SECRET, _env_file=None)
     account = f"acct-{uuid.uuid4().hex[:10]}"
     staff = issue_token(
         settings, account_id="vendor", user_id="staff-1", roles=(Role.BILLING_STAFF,)

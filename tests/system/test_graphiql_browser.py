@@ -87,7 +87,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def _admin_token(account: str) -> str:
-    settings = Settings(credits_jwt_secret=TEST_SECRET, _env_file=None)  # type: ignore[call-arg]
+    settings = Settings(credits_jwt_secret=TEST_SECRET, _env_file=None)
     return issue_token(settings, account_id=account, user_id="ada", roles=[Role.ADMIN])
 
 

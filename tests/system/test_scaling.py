@@ -249,7 +249,7 @@ def stand(db_url: str, tmp_path: Path) -> Iterator[Stand]:
 
 
 def _token(account: str, role: Role, user: str) -> str:
-    settings = Settings(credits_jwt_secret=TEST_SECRET, _env_file=None)  # type: ignore[call-arg]
+    settings = Settings(credits_jwt_secret=TEST_SECRET, _env_file=None)
     return issue_token(
         settings, account_id=account, user_id=user, roles=[role], email=f"{user}@example.com"
     )

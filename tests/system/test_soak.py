@@ -46,7 +46,7 @@ def _fds(pid: int) -> int:
 
 
 def _token(account: str, *roles: Role, user: str = "soak") -> str:
-    settings = Settings(credits_jwt_secret=TEST_SECRET, _env_file=None)  # type: ignore[call-arg]
+    settings = Settings(credits_jwt_secret=TEST_SECRET, _env_file=None)
     return issue_token(
         settings, account_id=account, user_id=user, roles=roles, email=f"{user}@example.com"
     )
