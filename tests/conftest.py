@@ -8,7 +8,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -71,7 +71,7 @@ async def db_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]
         yield url
         return
     name = f"credits_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    admin = await asyncpg.connect(_asyncpg_dsn(PG_URL))
+    admin = await asyncpg.connect(_asyncpg_dsn(PG_URL))  # type: ignore[no-untyped-call]
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
@@ -80,7 +80,7 @@ async def db_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]
     await migrate(url)
     yield url
     forget_cached_accounts()
-    admin = await asyncpg.connect(_asyncpg_dsn(PG_URL))
+    admin = await asyncpg.connect(_asyncpg_dsn(PG_URL))  # type: ignore[no-untyped-call]
     try:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
@@ -122,7 +122,7 @@ def settings(db_url: str, gateway_name: str, request: pytest.FixtureRequest) -> 
         credits_env="development",
         payment_gateway=gateway_name,
         periodic_seconds=0,  # tests run the periodic jobs themselves
-        _env_file=None,  # type: ignore[call-arg]
+        _env_file=None,
         **extra,
     )
 
@@ -199,7 +199,7 @@ class Caller:
         assert response.status_code == 200, response.text
         body = response.json()
         assert "errors" not in body, body
-        return body["data"]
+        return cast("dict[str, Any]", body["data"])
 
     async def gql_error(
         self, query: str, variables: dict[str, Any] | None = None
@@ -209,7 +209,7 @@ class Caller:
         assert response.status_code == 200, response.text
         body = response.json()
         assert body.get("errors"), body
-        return body["errors"][0]
+        return cast("dict[str, Any]", body["errors"][0])
 
 
 MakeCaller = Callable[..., Caller]

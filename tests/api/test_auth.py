@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import jwt
 import pytest
@@ -20,11 +21,11 @@ async def _post(http, token: str | None, query: str = VIEWER):  # type: ignore[n
     return await http.post("/graphql", json={"query": query}, headers=headers)
 
 
-def _token(claims: dict, secret: str = TEST_SECRET, alg: str = "HS256") -> str:
+def _token(claims: dict[str, Any], secret: str = TEST_SECRET, alg: str = "HS256") -> str:
     return jwt.encode(claims, secret, algorithm=alg)
 
 
-def _claims(**over: object) -> dict:
+def _claims(**over: object) -> dict[str, Any]:
     base = {
         "sub": "u1",
         "account_id": "acct-auth",
@@ -121,6 +122,6 @@ def test_short_secret_refuses_to_start() -> None:
     from runtime.settings import Settings
 
     with pytest.raises(ValidationError, match="at least 32 bytes"):
-        Settings(credits_jwt_secret="short", _env_file=None)  # type: ignore[call-arg]
+        Settings(credits_jwt_secret="short", _env_file=None)
     with pytest.raises(ValidationError, match="required"):
-        Settings(credits_env="production", _env_file=None)  # type: ignore[call-arg]
+        Settings(credits_env="production", _env_file=None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -28,7 +28,7 @@ THRESHOLD = {
 }
 SCHEDULE = {"enabled": True, "trigger": "SCHEDULE", "intervalDays": 30, "rechargeCredits": 500}
 
-DEFAULTS = {
+DEFAULTS: dict[str, Any] = {
     "enabled": False,
     "trigger": None,
     "intervalDays": None,
@@ -47,17 +47,19 @@ DEFAULTS = {
 
 
 async def update(admin: Caller, input: dict[str, Any]) -> dict[str, Any]:
-    return (await admin.gql(AUTO_RECHARGE, {"input": input}))["updateAutoRecharge"]
+    return cast(
+        "dict[str, Any]", (await admin.gql(AUTO_RECHARGE, {"input": input}))["updateAutoRecharge"]
+    )
 
 
 async def enable(admin: Caller, input: dict[str, Any]) -> dict[str, Any]:
     payload = await update(admin, input)
     assert payload["errors"] == [], payload
-    return payload["autoRecharge"]
+    return cast("dict[str, Any]", payload["autoRecharge"])
 
 
 async def setting(admin: Caller) -> dict[str, Any]:
-    return (await admin.gql(SETTING))["creditAccount"]["autoRecharge"]
+    return cast("dict[str, Any]", (await admin.gql(SETTING))["creditAccount"]["autoRecharge"])
 
 
 def short(card: dict[str, Any]) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
-from typing import Any
+from typing import Any, cast
 
 from billing.enums import Role
 from tests.conftest import Caller, MakeCaller
@@ -20,7 +20,9 @@ BATCH = f"""mutation($inputs: [ConsumeCreditsInput!]!) {{
 QUOTAS = "{ creditAccount { freeQuotas { processType allowance used } } }"
 
 
-def item(service: Caller, process: str = "POSTCARD", quantity: int = 1, **extra: Any) -> dict:
+def item(
+    service: Caller, process: str = "POSTCARD", quantity: int = 1, **extra: Any
+) -> dict[str, Any]:
     return {
         "accountId": service.account_id,
         "userId": "u1",
@@ -31,11 +33,13 @@ def item(service: Caller, process: str = "POSTCARD", quantity: int = 1, **extra:
     }
 
 
-async def run(service: Caller, items: list[dict]) -> list[dict]:
-    return (await service.gql(BATCH, {"inputs": items}))["consumeCreditsBatch"]
+async def run(service: Caller, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return cast(
+        "list[dict[str, Any]]", (await service.gql(BATCH, {"inputs": items}))["consumeCreditsBatch"]
+    )
 
 
-def codes(result: dict) -> list[str]:
+def codes(result: dict[str, Any]) -> list[str]:
     return [e["code"] for e in result["errors"]]
 
 

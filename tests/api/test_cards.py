@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -27,7 +27,7 @@ from tests.support.ops import (
 
 
 async def cards_of(admin: Caller) -> list[dict[str, Any]]:
-    return (await admin.gql(ACCOUNT))["creditAccount"]["cards"]
+    return cast("list[dict[str, Any]]", (await admin.gql(ACCOUNT))["creditAccount"]["cards"])
 
 
 async def card_by_id(admin: Caller, card_id: str) -> dict[str, Any]:
@@ -51,7 +51,7 @@ async def forbidden(who: Caller, query: str, variables: dict[str, Any]) -> None:
 
 async def update(who: Caller, card_id: str, **fields: Any) -> dict[str, Any]:
     data = await who.gql(UPDATE_CARD, {"input": {"cardId": card_id, **fields}})
-    return data["updateCard"]
+    return cast("dict[str, Any]", data["updateCard"])
 
 
 def only_error(payload: dict[str, Any], code: str, field: list[str] | None) -> None:
@@ -425,7 +425,7 @@ async def test_billing_staff_may_set_any_accounts_primary(
 
 
 async def remove(who: Caller, card_id: str) -> dict[str, Any]:
-    return (await who.gql(REMOVE_CARD, {"id": card_id}))["removeCard"]
+    return cast("dict[str, Any]", (await who.gql(REMOVE_CARD, {"id": card_id}))["removeCard"])
 
 
 async def test_admin_removes_a_card_that_is_not_the_last(admin: Caller) -> None:

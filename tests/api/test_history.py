@@ -9,7 +9,7 @@ import json
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -36,7 +36,7 @@ async def history(
     if first is not None:
         variables["first"] = first
     data = await who.gql(HISTORY, variables)
-    return data["creditAccount"]["transactions"]
+    return cast("dict[str, Any]", data["creditAccount"]["transactions"])
 
 
 async def everything(who: Caller, filter: dict[str, Any] | None = None) -> list[Node]:
@@ -93,7 +93,7 @@ async def top_level_error(who: Caller, variables: dict[str, Any]) -> dict[str, A
     body = response.json()
     assert body.get("data") is None, body
     assert len(body["errors"]) == 1, body
-    return body["errors"][0]
+    return cast("dict[str, Any]", body["errors"][0])
 
 
 async def make_entries(staff: Caller, service: Caller, spends: int) -> None:

@@ -11,7 +11,7 @@ import secrets
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -113,7 +113,7 @@ async def use(service: Caller, process: str, quantity: int, at: datetime) -> dic
         )
     payload = data["recordMeteredUsage"]
     assert payload["errors"] == [], payload
-    return payload["usage"]
+    return cast("dict[str, Any]", payload["usage"])
 
 
 async def invoices_of(account_id: str) -> list[Invoice]:

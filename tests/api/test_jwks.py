@@ -279,7 +279,7 @@ async def test_sync_verify_token_uses_cached_keys_only(idp: JwksServer) -> None:
         credits_jwks_url=idp.url,
         credits_jwt_audience=AUDIENCE,
         credits_jwt_issuer=ISSUER,
-        _env_file=None,  # type: ignore[call-arg]
+        _env_file=None,
     )
     token = K1.sign(user_id="sync")
     with pytest.raises(AuthError, match="unknown signing key"):
@@ -289,7 +289,7 @@ async def test_sync_verify_token_uses_cached_keys_only(idp: JwksServer) -> None:
 
 
 def test_production_needs_a_jwks_or_a_secret() -> None:
-    stripe = {
+    stripe: dict[str, Any] = {
         "payment_gateway": "stripe",
         "stripe_api_key": "sk_test_x",
         "stripe_webhook_secret": "whsec_x",
@@ -313,6 +313,6 @@ def test_production_needs_a_jwks_or_a_secret() -> None:
     with pytest.raises(ValidationError, match="https"):
         Settings(credits_env="production", credits_jwks_url="http://id.example.test/jwks", **stripe)
     with pytest.raises(ValidationError, match="http"):
-        Settings(credits_jwks_url="file:///etc/passwd", _env_file=None)  # type: ignore[call-arg]
-    dev = Settings(credits_jwks_url="http://id.internal/jwks", _env_file=None)  # type: ignore[call-arg]
+        Settings(credits_jwks_url="file:///etc/passwd", _env_file=None)
+    dev = Settings(credits_jwks_url="http://id.internal/jwks", _env_file=None)
     assert dev.hs256_enabled

@@ -17,6 +17,7 @@ import httpx
 import pytest
 import pytest_asyncio
 import uvicorn
+from pydantic import SecretStr
 from redis.asyncio import Redis
 from starlette.applications import Starlette
 from websockets.asyncio.client import ClientConnection, connect
@@ -349,9 +350,7 @@ async def test_the_feed_ends_when_the_token_expires(
 
 
 def _other_secret(settings: Settings) -> Settings:
-    return settings.model_copy(
-        update={"credits_jwt_secret": settings.credits_jwt_secret.__class__("x" * 40)}
-    )
+    return settings.model_copy(update={"credits_jwt_secret": SecretStr("x" * 40)})
 
 
 # ---------------------------------------------------------------- Redis pub/sub

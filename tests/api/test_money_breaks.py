@@ -23,8 +23,7 @@ from billing.ledger.posting import Movement
 from billing.models import Account, GatewayEvent, LedgerEntry, Payment
 from runtime.queue import InProcessQueue
 from tests.api.test_batch import BATCH
-from tests.api.test_money_rules import payment_row
-from tests.api.test_stripe import CONFIRM, event, post_event
+from tests.api.test_stripe import CONFIRM, event, payment_row, post_event
 from tests.conftest import Caller
 from tests.support.gateways import GatewayHarness, StripeHarness
 from tests.support.invariants import assert_ledger_consistent
@@ -623,7 +622,8 @@ async def test_a_carried_amount_never_pushes_an_invoice_past_int(
     from billing.enums import InvoiceStatus
     from billing.models import Invoice, MeteredUsage
     from billing.pricing import load_price_book
-    from tests.api.test_invoices import CARDS, INVOICE_FUNCTIONS, a_month, next_month, use
+    from tests.api.test_invoices import CARDS, a_month, next_month, use
+    from workers.invoicing import INVOICE_FUNCTIONS
 
     await add_card(admin, "pm_card_visa")
     first = a_month()

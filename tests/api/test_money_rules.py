@@ -86,7 +86,9 @@ def stripe_only(harness: GatewayHarness) -> StripeHarness:
 # ---------------------------------------------------------------- 1. FAILED, then succeeded
 
 
-async def _failed_then_retried(admin: Caller, harness: GatewayHarness) -> tuple[dict, Payment]:
+async def _failed_then_retried(
+    admin: Caller, harness: GatewayHarness
+) -> tuple[dict[str, Any], Payment]:
     """A 3-D Secure purchase of 500: the challenge fails (``requires_payment_method``, not
     final), confirm answers FAILED; the customer retries the same intent and passes."""
     card = await add_card(admin, "pm_card_authenticationRequired")

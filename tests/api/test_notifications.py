@@ -11,7 +11,7 @@ import asyncio
 import logging
 import uuid
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from starlette.applications import Starlette
@@ -27,6 +27,7 @@ from runtime.queue import InProcessQueue
 from runtime.settings import Settings
 from tests.conftest import Caller
 from tests.support.mailbox import SmtpServer, free_port
+from workers.context import JobContext
 from workers.mail import (
     MAIL_FUNCTIONS,
     deliver_pending_notifications,
@@ -79,7 +80,7 @@ def mail_queue(mailer: Mailer) -> InProcessQueue:
 
 
 async def sweep(q: InProcessQueue) -> None:
-    await deliver_pending_notifications(q.ctx)
+    await deliver_pending_notifications(cast("JobContext", q.ctx))
     await q.drain()
 
 
@@ -199,8 +200,8 @@ async def test_sweep_twice_and_concurrently_sends_each_once(
     ids = [await queue(account, recipients=[f"user{i}@example.test"]) for i in range(3)]
     q = mail_queue(mailer)
     await asyncio.gather(
-        deliver_pending_notifications(q.ctx),
-        deliver_pending_notifications(q.ctx),
+        deliver_pending_notifications(cast("JobContext", q.ctx)),
+        deliver_pending_notifications(cast("JobContext", q.ctx)),
     )
     await q.drain()
     await sweep(q)
@@ -222,8 +223,8 @@ async def test_job_delivered_twice_sends_once(
     for nid in ids:  # what the event's code enqueues after its commit
         await q.enqueue("send_notification", nid, job_id=notification_job_id(nid))
     await asyncio.gather(
-        deliver_pending_notifications(q.ctx),
-        deliver_pending_notifications(q.ctx),
+        deliver_pending_notifications(cast("JobContext", q.ctx)),
+        deliver_pending_notifications(cast("JobContext", q.ctx)),
     )
     await q.drain()
 
@@ -412,7 +413,7 @@ async def test_log_mailer_logs_the_mail(account: str, caplog: pytest.LogCaptureF
 
 def test_make_mailer_from_settings() -> None:
     def settings(**kw: Any) -> Settings:
-        return Settings(_env_file=None, **kw)  # type: ignore[call-arg]
+        return Settings(_env_file=None, **kw)
 
     assert isinstance(make_mailer(settings(smtp_url=None)), LogMailer)
 

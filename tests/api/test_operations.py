@@ -437,7 +437,7 @@ def test_shutdown_and_logging_settings_reach_uvicorn_and_arq() -> None:
         credits_jwt_secret=TEST_SECRET,
         shutdown_grace_seconds=7,
         log_format="text",
-        _env_file=None,  # type: ignore[call-arg]
+        _env_file=None,
     )
     options = uvicorn_options(settings, workers=2)
     assert options["timeout_graceful_shutdown"] == 7

@@ -5,7 +5,7 @@ and the sandbox's 3-D Secure challenge."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -36,13 +36,13 @@ CONFIRM = """mutation($id: ID!) { confirmPurchase(input: {paymentId: $id}) {
 
 
 async def _setting(admin: Caller) -> dict[str, Any]:
-    return (await admin.gql(STATUS))["creditAccount"]["autoRecharge"]
+    return cast("dict[str, Any]", (await admin.gql(STATUS))["creditAccount"]["autoRecharge"])
 
 
 async def _update(admin: Caller, input: dict[str, Any]) -> dict[str, Any]:
     payload = (await admin.gql(AUTO_RECHARGE, {"input": input}))["updateAutoRecharge"]
     assert payload["errors"] == [], payload
-    return payload
+    return cast("dict[str, Any]", payload)
 
 
 # ---------------------------------------------------------------- auto-recharge

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -17,12 +17,12 @@ PRICING = "{ creditPricing { centsPerCredit currency minPurchaseCredits maxPurch
 
 
 async def pricing(who: Caller) -> dict[str, Any]:
-    return (await who.gql(PRICING))["creditPricing"]
+    return cast("dict[str, Any]", (await who.gql(PRICING))["creditPricing"])
 
 
 async def purchase(admin: Caller, **fields: Any) -> dict[str, Any]:
     data = await admin.gql(PURCHASE, {"input": fields})
-    return data["purchaseCredits"]
+    return cast("dict[str, Any]", data["purchaseCredits"])
 
 
 async def history(admin: Caller) -> list[dict[str, Any]]:

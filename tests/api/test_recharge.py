@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from billing import clock
+from billing.enums import AutoRechargeTrigger
 from billing.models import AutoRechargeSetting, LedgerEntry, Notification, Payment
 from billing.recharge import runs
 from runtime.queue import InProcessQueue
@@ -24,7 +25,7 @@ async def enable(admin: Caller, **fields: Any) -> dict[str, Any]:
     data = await admin.gql(AUTO_RECHARGE, {"input": {"enabled": True, **fields}})
     payload = data["updateAutoRecharge"]
     assert payload["errors"] == [], payload
-    return payload["autoRecharge"]
+    return cast("dict[str, Any]", payload["autoRecharge"])
 
 
 async def spend(service: Caller, credits_of_letters: int = 1) -> dict[str, Any]:
@@ -40,7 +41,7 @@ async def spend(service: Caller, credits_of_letters: int = 1) -> dict[str, Any]:
             }
         },
     )
-    return data["consumeCredits"]
+    return cast("dict[str, Any]", data["consumeCredits"])
 
 
 async def recharges(account_id: str) -> list[LedgerEntry]:
@@ -351,8 +352,8 @@ async def test_sweep_settles_a_payment_stuck_in_pending(
     result = await runs.run(
         crash,
         queue.ctx["book"],
-        admin.account_id,  # type: ignore[arg-type]
-        runs.AutoRechargeTrigger.THRESHOLD,
+        admin.account_id,
+        AutoRechargeTrigger.THRESHOLD,
     )
     assert result.outcome == "pending" and crash.charged == 1
     [payment] = await attempts(admin.account_id)

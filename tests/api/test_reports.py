@@ -8,6 +8,7 @@ import csv
 import io
 import tracemalloc
 import uuid
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -75,7 +76,7 @@ async def get_csv(
         headers["Authorization"] = f"Bearer {token or (who.token if who else '')}"
     http = who.http if who is not None else None
     assert http is not None
-    return await http.get(PATH, params=params or [], headers=headers)
+    return await http.get(PATH, params=tuple(params or ()), headers=headers)
 
 
 def parse(text: str) -> list[list[str]]:
@@ -432,7 +433,7 @@ async def stream_report(app: Starlette, token: str, query: str = "") -> Stream:
         await finished.wait()
         return {"type": "http.disconnect"}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         if message["type"] == "http.response.start":
             out.status = message["status"]
             return

@@ -161,7 +161,9 @@ async def test_viewer_and_pricing_are_open(
 # ---------------------------------------------------------------- mutations by role
 
 
-def _mutations(account_id: str, card_id: str, usage_id: str) -> dict[str, tuple[str, dict]]:
+def _mutations(
+    account_id: str, card_id: str, usage_id: str
+) -> dict[str, tuple[str, dict[str, Any]]]:
     """Each mutation with input that would write if the caller were allowed."""
     staff_input = {
         "accountId": account_id,

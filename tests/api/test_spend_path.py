@@ -122,9 +122,7 @@ async def test_a_subscription_posted_is_refused_each_time(
 
 
 def _settings(**update: object) -> Settings:
-    return Settings(credits_jwt_secret=TEST_SECRET, _env_file=None).model_copy(  # type: ignore[call-arg]
-        update=update
-    )
+    return Settings(credits_jwt_secret=TEST_SECRET, _env_file=None).model_copy(update=update)
 
 
 async def test_a_remembered_token_is_refused_once_it_expires(

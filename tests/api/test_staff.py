@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -15,7 +15,9 @@ from tests.support.ops import ADJUST, CONSUME, GRANT, HISTORY, balance, key
 STAFF_ACCOUNT = "query($accountId: ID) { creditAccount(accountId: $accountId) { id balance } }"
 
 
-def staff_input(account_id: str, credits: int, reason: str = "goodwill", **extra: Any) -> dict:
+def staff_input(
+    account_id: str, credits: int, reason: str = "goodwill", **extra: Any
+) -> dict[str, Any]:
     return {
         "accountId": account_id,
         "credits": credits,
@@ -26,17 +28,17 @@ def staff_input(account_id: str, credits: int, reason: str = "goodwill", **extra
 
 
 async def grant(staff: Caller, payload: dict[str, Any]) -> dict[str, Any]:
-    return (await staff.gql(GRANT, {"input": payload}))["grantCredits"]
+    return cast("dict[str, Any]", (await staff.gql(GRANT, {"input": payload}))["grantCredits"])
 
 
 async def adjust(staff: Caller, payload: dict[str, Any]) -> dict[str, Any]:
-    return (await staff.gql(ADJUST, {"input": payload}))["adjustCredits"]
+    return cast("dict[str, Any]", (await staff.gql(ADJUST, {"input": payload}))["adjustCredits"])
 
 
 async def staff_balance(staff: Caller, account_id: str) -> int:
     data = await staff.gql(STAFF_ACCOUNT, {"accountId": account_id})
     assert data["creditAccount"]["id"] == account_id
-    return data["creditAccount"]["balance"]
+    return cast("int", data["creditAccount"]["balance"])
 
 
 async def entries(staff: Caller, account_id: str) -> list[dict[str, Any]]:
@@ -62,7 +64,7 @@ MUTATIONS = {"grant": (GRANT, "grantCredits"), "adjust": (ADJUST, "adjustCredits
 
 async def run(staff: Caller, which: str, payload: dict[str, Any]) -> dict[str, Any]:
     query, field = MUTATIONS[which]
-    return (await staff.gql(query, {"input": payload}))[field]
+    return cast("dict[str, Any]", (await staff.gql(query, {"input": payload}))[field])
 
 
 # ---------------------------------------------------------------- grantCredits

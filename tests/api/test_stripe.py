@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -143,7 +143,7 @@ async def _three_ds_purchase(admin: Caller) -> dict[str, Any]:
     assert bought["payment"]["status"] == "REQUIRES_ACTION"
     assert bought["payment"]["clientSecret"]
     assert bought["transaction"] is None and bought["balance"] == 0
-    return bought["payment"]
+    return cast("dict[str, Any]", bought["payment"])
 
 
 @pytest.mark.parametrize(
@@ -197,7 +197,9 @@ async def test_concurrent_confirms_and_webhooks_credit_once(
     assert row.gateway_payment_id
     await stripe_harness.complete_3ds(row.gateway_payment_id, payment["clientSecret"])
     pi = await intent(stripe_harness, row.gateway_payment_id)
-    calls = [admin.gql(CONFIRM, {"id": payment["id"]}) for _ in range(5)]
+    calls: list[Coroutine[Any, Any, object]] = [
+        admin.gql(CONFIRM, {"id": payment["id"]}) for _ in range(5)
+    ]
     calls += [post_event(http, event("payment_intent.succeeded", pi)) for _ in range(5)]
     await asyncio.gather(*calls)
     await queue.drain()
@@ -282,7 +284,7 @@ async def test_crash_after_charge_is_healed_by_the_event(
         await purchases.purchase_credits(
             ChargeThenCrash(stripe_harness.gateway),
             book,
-            account_id=admin.account_id,  # type: ignore[arg-type]
+            account_id=admin.account_id,
             user_id=admin.user_id,
             credits=300,
             card_id=None,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -62,7 +62,9 @@ def usage_input(
 
 
 async def consume(service: Caller, payload: dict[str, Any]) -> dict[str, Any]:
-    return (await service.gql(CONSUME, {"input": payload}))["consumeCredits"]
+    return cast(
+        "dict[str, Any]", (await service.gql(CONSUME, {"input": payload}))["consumeCredits"]
+    )
 
 
 async def reverse(
@@ -74,11 +76,13 @@ async def reverse(
         "idempotencyKey": key(),
         **extra,
     }
-    return (await who.gql(REVERSE, {"input": payload}))["reverseUsage"]
+    return cast("dict[str, Any]", (await who.gql(REVERSE, {"input": payload}))["reverseUsage"])
 
 
 async def metered(service: Caller, payload: dict[str, Any]) -> dict[str, Any]:
-    return (await service.gql(METERED, {"input": payload}))["recordMeteredUsage"]
+    return cast(
+        "dict[str, Any]", (await service.gql(METERED, {"input": payload}))["recordMeteredUsage"]
+    )
 
 
 async def entries(admin: Caller, *types: str) -> list[dict[str, Any]]:
@@ -90,7 +94,7 @@ async def entries(admin: Caller, *types: str) -> list[dict[str, Any]]:
 async def free_quota(admin: Caller, process: str) -> dict[str, Any]:
     data = await admin.gql(ACCOUNT)
     quotas = {q["processType"]: q for q in data["creditAccount"]["freeQuotas"]}
-    return quotas[process]
+    return cast("dict[str, Any]", quotas[process])
 
 
 def error_shape(payload: dict[str, Any]) -> list[tuple[str, list[str] | None]]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, cast
 
 from billing.enums import Role
 from tests.conftest import Caller
@@ -106,14 +106,14 @@ async def add_card(
 ) -> dict[str, Any]:
     data = await admin.gql(ADD_CARD, {"pm": pm, "primary": primary})
     assert data["addCard"]["errors"] == [], data
-    return data["addCard"]["card"]
+    return cast("dict[str, Any]", data["addCard"]["card"])
 
 
 async def buy(admin: Caller, credits: int, **extra: Any) -> dict[str, Any]:
     data = await admin.gql(
         PURCHASE, {"input": {"credits": credits, "idempotencyKey": key(), **extra}}
     )
-    return data["purchaseCredits"]
+    return cast("dict[str, Any]", data["purchaseCredits"])
 
 
 async def grant(staff: Caller, account_id: str, credits: int) -> dict[str, Any]:
@@ -129,7 +129,7 @@ async def grant(staff: Caller, account_id: str, credits: int) -> dict[str, Any]:
         },
     )
     assert data["grantCredits"]["errors"] == [], data
-    return data["grantCredits"]
+    return cast("dict[str, Any]", data["grantCredits"])
 
 
 async def consume(
@@ -144,11 +144,11 @@ async def consume(
         **extra,
     }
     data = await service.gql(CONSUME, {"input": payload})
-    return data["consumeCredits"]
+    return cast("dict[str, Any]", data["consumeCredits"])
 
 
 async def balance(admin: Caller) -> int:
-    return (await admin.gql(BALANCE))["creditAccount"]["balance"]
+    return cast("int", (await admin.gql(BALANCE))["creditAccount"]["balance"])
 
 
 def codes(payload: dict[str, Any]) -> list[str]:

@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import pytest_asyncio
@@ -153,7 +153,7 @@ async def _spend(service: Caller) -> dict[str, Any]:
             }
         },
     )
-    return data["consumeCredits"]
+    return cast("dict[str, Any]", data["consumeCredits"])
 
 
 async def test_concurrent_crossings_through_a_real_arq_worker_charge_once(
@@ -424,7 +424,7 @@ async def test_a_job_whose_worker_was_killed_runs_again_within_seconds(
 
     await _setup(admin, staff, threshold=995)
     assert (await _spend(service))["errors"] == []  # 988: its recharge job waits in Redis
-    holder = await asyncpg.connect(db_url.replace("postgres://", "postgresql://", 1))
+    holder = await asyncpg.connect(db_url.replace("postgres://", "postgresql://", 1))  # type: ignore[no-untyped-call]
     try:
         lock = holder.transaction()
         await lock.start()

@@ -28,7 +28,16 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 from graphql import parse, specified_rules, validate
-from playwright.sync_api import Browser, BrowserContext, Page, Route, expect, sync_playwright
+from playwright.sync_api import (
+    Browser,
+    BrowserContext,
+    ConsoleMessage,
+    Page,
+    Request,
+    Route,
+    expect,
+    sync_playwright,
+)
 from strawberry.extensions import MaxAliasesLimiter, QueryDepthLimiter
 
 from api.auth import issue_token
@@ -133,7 +142,7 @@ def browser_context(browser: Browser) -> Iterator[BrowserContext]:
 
 
 def _token(account: str, *roles: Role, user: str = "ada", ttl: int = 3600) -> str:
-    settings = Settings(credits_jwt_secret=TEST_SECRET, _env_file=None)  # type: ignore[call-arg]
+    settings = Settings(credits_jwt_secret=TEST_SECRET, _env_file=None)
     return issue_token(
         settings,
         account_id=account,
@@ -153,17 +162,19 @@ class Billing:
         self.server = server
         self.account = account
         self.problems: list[str] = []
-        page.on("console", lambda m: m.type == "error" and self.problems.append(m.text))
+        page.on("console", self._console)
         page.on("pageerror", lambda e: self.problems.append(str(e)))
         page.on("dialog", lambda d: d.accept())  # "Remove this card?"
         page.on("request", self._record)
-        page.on(
-            "request",
-            lambda r: (
-                urlsplit(r.url).hostname not in ("127.0.0.1", None)
-                and self.problems.append(f"went elsewhere: {r.url}")
-            ),
-        )
+        page.on("request", self._elsewhere)
+
+    def _console(self, message: ConsoleMessage) -> None:
+        if message.type == "error":
+            self.problems.append(message.text)
+
+    def _elsewhere(self, request: Request) -> None:
+        if urlsplit(request.url).hostname not in ("127.0.0.1", None):
+            self.problems.append(f"went elsewhere: {request.url}")
 
     def _record(self, request: Any) -> None:
         if request.method == "POST" and request.url.endswith("/graphql"):

@@ -29,13 +29,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import httpx
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]
 import pytest
-import yaml
+import yaml  # type: ignore[import-untyped]
 from dotenv import dotenv_values
 
 from runtime.settings import DEV_JWT_SECRET, Settings
@@ -76,11 +76,12 @@ BLOCK_NETWORK = (
 
 
 def compose() -> dict[str, Any]:
-    return yaml.safe_load(COMPOSE.read_text())  # resolves the x-app anchor (<<: *app)
+    # yaml resolves the x-app anchor (<<: *app)
+    return cast("dict[str, Any]", yaml.safe_load(COMPOSE.read_text()))
 
 
 def services() -> dict[str, dict[str, Any]]:
-    return compose()["services"]
+    return cast("dict[str, dict[str, Any]]", compose()["services"])
 
 
 def env_example() -> dict[str, str]:
@@ -313,7 +314,7 @@ def test_every_command_is_a_real_entry_point(monkeypatch: pytest.MonkeyPatch) ->
 def test_health_checks_use_the_apps_own_routes() -> None:
     from api.asgi import create_app
 
-    app = create_app(Settings(_env_file=None))  # type: ignore[call-arg]
+    app = create_app(Settings(_env_file=None))
     routes = {getattr(route, "path", None) for route in app.routes}
     api_check = healthcheck_argv(services()["api"])[2]
     image_check = dockerfile_healthcheck()[2]
@@ -359,7 +360,7 @@ def test_env_example_is_a_valid_production_configuration(
     for var in SETTING_VARS:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(tmp_path)
-    settings = Settings(_env_file=ENV_EXAMPLE)  # type: ignore[call-arg]  # production validators
+    settings = Settings(_env_file=ENV_EXAMPLE)  # production validators
     assert settings.is_production and not settings.show_graphiql
     assert settings.payment_gateway == "stripe" and settings.job_queue == "arq"
     # RS256 against the identity provider's JWKS (or, instead, a real HS256 secret).
@@ -475,7 +476,7 @@ def stop(proc: subprocess.Popen[str], grace: float) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-        pytest.fail(f"{proc.args} did not stop within {grace} s of SIGTERM")
+        pytest.fail(f"{proc.args!r} did not stop within {grace} s of SIGTERM")
 
 
 def grace_seconds(service: dict[str, Any]) -> float:

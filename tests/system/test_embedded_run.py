@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -77,13 +78,15 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def _token(*roles: Role, account: str = "acme", user: str = "admin-1") -> str:
-    settings = Settings(credits_jwt_secret=TEST_SECRET, _env_file=None)  # type: ignore[call-arg]
+    settings = Settings(credits_jwt_secret=TEST_SECRET, _env_file=None)
     return issue_token(
         settings, account_id=account, user_id=user, roles=roles, email=f"{user}@example.com"
     )
 
 
-def _gql(base: str, token: str, query: str, variables: dict | None = None) -> dict:
+def _gql(
+    base: str, token: str, query: str, variables: dict[str, Any] | None = None
+) -> dict[str, Any]:
     response = httpx.post(
         f"{base}/graphql",
         json={"query": query, "variables": variables or {}},
@@ -93,7 +96,7 @@ def _gql(base: str, token: str, query: str, variables: dict | None = None) -> di
     assert response.status_code == 200, response.text
     body = response.json()
     assert "errors" not in body, body
-    return body["data"]
+    return cast("dict[str, Any]", body["data"])
 
 
 def test_health_and_readiness(server: str) -> None:

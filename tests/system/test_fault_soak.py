@@ -65,7 +65,7 @@ PURCHASE = (
 
 
 def _token(account: str, *roles: Role) -> str:
-    settings = Settings(credits_jwt_secret=SECRET, _env_file=None)  # type: ignore[call-arg]
+    settings = Settings(credits_jwt_secret=SECRET, _env_file=None)
     return issue_token(settings, account_id=account, user_id="soak", roles=roles)
 
 
@@ -439,7 +439,7 @@ async def _settle_and_check(soak: Soak, postgres: PrivatePostgres) -> dict[str, 
         await asyncio.sleep(6)  # past purchases.RESETTLE_AFTER: a retry settles them
         for account, variables in soak.purchases:
             await soak.post(client, soak.admin[account], PURCHASE, variables)
-    conn = await asyncpg.connect(postgres.url.replace("postgres://", "postgresql://", 1))
+    conn = await asyncpg.connect(postgres.url.replace("postgres://", "postgresql://", 1))  # type: ignore[no-untyped-call]
     try:
         ledger = await conn.fetchrow(
             "SELECT count(*) AS n, COALESCE(-sum(credits), 0) AS credits FROM ledger_entry "

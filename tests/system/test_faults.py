@@ -20,10 +20,10 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import httpx
@@ -185,7 +185,7 @@ async def test_connection_terminated_mid_spend_on_postgres(
         pytest.skip("terminates a PostgreSQL backend")
     await grant(staff, admin.account_id, 1000)
     variables = spend_input(admin.account_id, process, quantity, key())
-    holder = await asyncpg.connect(db_url.replace("postgres://", "postgresql://", 1))
+    holder = await asyncpg.connect(db_url.replace("postgres://", "postgresql://", 1))  # type: ignore[no-untyped-call]
     try:
         lock = holder.transaction()
         await lock.start()
@@ -253,7 +253,7 @@ async def test_a_withdrawn_fast_path_claim_is_not_replayed(
     seen = asyncio.Event()
     if withdrawn == "inside-the-claim":
         fetch = sql.fetch
-        other = await asyncpg.connect(db_url.replace("postgres://", "postgresql://", 1))
+        other = await asyncpg.connect(db_url.replace("postgres://", "postgresql://", 1))  # type: ignore[no-untyped-call]
 
         async def withdrawn_meanwhile(query: str, *values: Any) -> list[dict[str, Any]]:
             rows = await fetch(query, *values)
@@ -321,7 +321,7 @@ async def test_a_refused_spend_whose_withdrawal_failed_does_not_break_its_key(
 
     account = admin.account_id
     broken, other = key(), key()
-    conn = await asyncpg.connect(db_url.replace("postgres://", "postgresql://", 1))
+    conn = await asyncpg.connect(db_url.replace("postgres://", "postgresql://", 1))  # type: ignore[no-untyped-call]
     trigger = f"refuse_delete_{uuid.uuid4().hex[:8]}"
     try:
         await conn.execute(
@@ -399,11 +399,11 @@ async def test_a_failed_begin_gives_its_connection_back(
     capacity = client.pool_maxsize  # type: ignore[attr-defined]
 
     async def begin_fails(self: Any) -> None:
-        raise asyncpg.InternalClientError("BEGIN failed: the server is restarting")
+        raise asyncpg.exceptions.InternalClientError("BEGIN failed: the server is restarting")
 
     monkeypatch.setattr(TransactionWrapper, "begin", begin_fails)
     for _ in range(capacity + 5):
-        with pytest.raises(asyncpg.InternalClientError):
+        with pytest.raises(asyncpg.exceptions.InternalClientError):
             async with in_transaction():
                 raise AssertionError("unreachable")
     monkeypatch.undo()
@@ -542,7 +542,7 @@ def test_postgres_restarted_under_a_running_api(
 ) -> None:
     """The API keeps running while its PostgreSQL restarts: requests fail while it is down
     (and write nothing), and succeed again after it is back, without restarting the API."""
-    settings = Settings(credits_jwt_secret=SECRET, _env_file=None)  # type: ignore[call-arg]
+    settings = Settings(credits_jwt_secret=SECRET, _env_file=None)
     account = f"acct-{uuid.uuid4().hex[:10]}"
     staff = issue_token(
         settings, account_id="vendor", user_id="staff-1", roles=(Role.BILLING_STAFF,)
@@ -640,7 +640,7 @@ def test_postgres_restarted_many_times_under_load(
     ledger once (retried with its key after the faults)."""
     import threading
 
-    settings = Settings(credits_jwt_secret=SECRET, _env_file=None)  # type: ignore[call-arg]
+    settings = Settings(credits_jwt_secret=SECRET, _env_file=None)
     account = f"acct-{uuid.uuid4().hex[:10]}"
     staff = issue_token(
         settings, account_id="vendor", user_id="staff-1", roles=(Role.BILLING_STAFF,)
@@ -1033,7 +1033,7 @@ async def test_worker_killed_mid_recharge_charges_once(
             stalled = Stalled(gateway, charged=when == "after-the-bank-charged")
             ctx = {**queue.ctx, "gateway": stalled}
             entered = stalled.entered
-        worker = asyncio.create_task(job(ctx, admin.account_id))
+        worker = asyncio.create_task(cast("Coroutine[Any, Any, Any]", job(ctx, admin.account_id)))
         await entered.wait()
         worker.cancel()  # the worker process is killed
         with contextlib.suppress(asyncio.CancelledError):

@@ -31,7 +31,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -298,7 +298,7 @@ async def test_schemathesis_fuzz(
         pytest.skip("the fuzz runs on the sandbox gateway (localstripe adds time, not cases)")
     loop = asyncio.get_running_loop()
     headers = {"Authorization": f"Bearer {world.tokens[role]}"}
-    before = set(await Account.all().values_list("id", flat=True))
+    before = set(cast("list[str]", await Account.all().values_list("id", flat=True)))
     outcomes: Counter[str] = Counter()
 
     async def send(body: str) -> httpx.Response:
@@ -342,7 +342,8 @@ async def test_schemathesis_fuzz(
     assert any(k.endswith(": data") for k in outcomes), outcomes
     # No partial writes: every account touched (the generator invents account ids for
     # staff) reconciles, and its ledger chains without going below zero.
-    involved = set(await Account.all().values_list("id", flat=True)) - before | world.accounts
+    ids = cast("list[str]", await Account.all().values_list("id", flat=True))
+    involved = set(ids) - before | world.accounts
     report = await reconcile.check_database(sorted(involved))
     assert report.ok, [d.line() for d in report.discrepancies]
     for account in involved:
@@ -415,7 +416,7 @@ async def test_a_chunked_body_is_not_read_past_the_limit(admin: Caller) -> None:
         headers={"Authorization": f"Bearer {admin.token}", "Content-Type": "application/json"},
     )
     _too_large(response)
-    limit = Settings(_env_file=None).max_body_bytes  # type: ignore[call-arg]
+    limit = Settings(_env_file=None).max_body_bytes
     assert pulled <= limit // chunk + 2, pulled
     assert pulled * chunk < FIVE_MB // 2
 
@@ -684,7 +685,7 @@ async def test_unstorable_text_is_bad_user_input(
         "idempotencyKey": key(),
     }
     staff_input = {"accountId": admin.account_id, "credits": 5, "reason": "r"}
-    calls = [
+    calls: list[tuple[Caller, str, dict[str, Any]]] = [
         (service, CONSUME, {"input": {**spend, "reference": text}}),
         (service, CONSUME, {"input": {**spend, "idempotencyKey": text}}),
         (staff, GRANT, {"input": {**staff_input, "reason": text, "idempotencyKey": key()}}),

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from playwright.sync_api import Response, expect, sync_playwright
+from playwright.sync_api import ConsoleMessage, Request, Response, expect, sync_playwright
 
 from api.auth import issue_token
 from billing.enums import Role
@@ -87,7 +87,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def _admin_token(account: str) -> str:
-    settings = Settings(credits_jwt_secret=TEST_SECRET, _env_file=None)  # type: ignore[call-arg]
+    settings = Settings(credits_jwt_secret=TEST_SECRET, _env_file=None)
     return issue_token(settings, account_id=account, user_id="ada", roles=[Role.ADMIN])
 
 
@@ -135,20 +135,19 @@ def test_graphiql_runs_the_balance_query_with_a_bearer_token(server: str, tmp_pa
         )
         try:
             page = context.new_page()
-            page.on(
-                "console",
-                lambda m: (
-                    m.type == "error"
-                    # the schema fetch before a token is typed in, on purpose
-                    and "status of 401" not in m.text
-                    and problems.append(m.text)
-                ),
-            )
+
+            def console(m: ConsoleMessage) -> None:
+                # the schema fetch before a token is typed in, on purpose
+                if m.type == "error" and "status of 401" not in m.text:
+                    problems.append(m.text)
+
+            def request(r: Request) -> None:
+                if urlsplit(r.url).hostname != "127.0.0.1":
+                    elsewhere.append(r.url)
+
+            page.on("console", console)
             page.on("pageerror", lambda e: problems.append(str(e)))
-            page.on(
-                "request",
-                lambda r: urlsplit(r.url).hostname != "127.0.0.1" and elsewhere.append(r.url),
-            )
+            page.on("request", request)
             page.goto(f"{server}/graphql")
             expect(page.locator(".graphiql-container")).to_be_visible(timeout=15_000)
             assert page.title() == "Purchase Credits · GraphiQL"

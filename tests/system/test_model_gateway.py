@@ -186,6 +186,9 @@ class StripeModel:
         self.outbox: list[dict[str, Any]] = []
         self.charges_sent = 0
 
+    async def start_card_setup(self, customer_id: str) -> str:
+        raise NotImplementedError("settlement never saves a card in the browser")
+
     def emit(self, kind: str, obj: dict[str, Any]) -> None:
         self.outbox.append(
             {"id": f"evt_{secrets.token_hex(8)}", "type": kind, "data": {"object": obj}}

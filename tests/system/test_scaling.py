@@ -249,7 +249,7 @@ def stand(db_url: str, tmp_path: Path) -> Iterator[Stand]:
 
 
 def _token(account: str, role: Role, user: str) -> str:
-    settings = Settings(credits_jwt_secret=TEST_SECRET, _env_file=None)  # type: ignore[call-arg]
+    settings = Settings(credits_jwt_secret=TEST_SECRET, _env_file=None)
     return issue_token(
         settings, account_id=account, user_id=user, roles=[role], email=f"{user}@example.com"
     )
@@ -270,7 +270,7 @@ async def _rows(db_url: str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
         with sqlite3.connect(db_url.removeprefix("sqlite://")) as conn:
             qmarks = sql.replace("$1", "?")
             return [tuple(r) for r in conn.execute(qmarks, args).fetchall()]
-    conn = await asyncpg.connect(db_url.replace("postgres://", "postgresql://", 1))
+    conn = await asyncpg.connect(db_url.replace("postgres://", "postgresql://", 1))  # type: ignore[no-untyped-call]
     try:
         return [tuple(r) for r in await conn.fetch(sql, *args)]
     finally:

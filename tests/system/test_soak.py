@@ -18,6 +18,7 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -45,7 +46,7 @@ def _fds(pid: int) -> int:
 
 
 def _token(account: str, *roles: Role, user: str = "soak") -> str:
-    settings = Settings(credits_jwt_secret=TEST_SECRET, _env_file=None)  # type: ignore[call-arg]
+    settings = Settings(credits_jwt_secret=TEST_SECRET, _env_file=None)
     return issue_token(
         settings, account_id=account, user_id=user, roles=roles, email=f"{user}@example.com"
     )
@@ -103,7 +104,9 @@ async def _traffic(base: str, pid: int) -> tuple[Counter[str], list[tuple[int, i
     rng = random.Random(7)
     async with httpx.AsyncClient(base_url=base, timeout=30) as client:
 
-        async def gql(headers: dict[str, str], query: str, variables: dict | None = None) -> dict:
+        async def gql(
+            headers: dict[str, str], query: str, variables: dict[str, Any] | None = None
+        ) -> dict[str, Any]:
             r = await client.post(
                 "/graphql", json={"query": query, "variables": variables or {}}, headers=headers
             )
