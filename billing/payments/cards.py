@@ -220,16 +220,30 @@ async def update(
         )
     except CardRejected as exc:
         raise fail(ErrorCode.CARD_DECLINED, exc.message, "cardId") from exc
-    card.exp_month, card.exp_year = month, year
-    if cardholder_name is not None:
-        card.cardholder_name = cardholder_name.strip()
-    if address is not None:
-        card.address_line1, card.address_line2 = address.line1, address.line2
-        card.address_city, card.address_state = address.city, address.state
-        card.address_postal_code, card.address_country = address.postal_code, address.country
     async with in_transaction():
-        await card.save()
+        # Read again under the account lock: a set-primary or removal that committed
+        # during the gateway call stands (a removed card is NOT_FOUND), and only the
+        # fields changed here are written.
+        await posting.lock_account(card.account_id)
+        card = await get_card(card.id, scope_account_id)
+        changed: list[str] = []
+        if exp_month is not None or exp_year is not None:
+            card.exp_month, card.exp_year = month, year
+            changed += ["exp_month", "exp_year"]
+        if cardholder_name is not None:
+            card.cardholder_name = cardholder_name.strip()
+            changed.append("cardholder_name")
+        if address is not None:
+            card.address_line1, card.address_line2 = address.line1, address.line2
+            card.address_city, card.address_state = address.city, address.state
+            card.address_postal_code, card.address_country = address.postal_code, address.country
+            changed += [f"address_{f}" for f in _ADDRESS_FIELDS]
+        if changed:
+            await card.save(update_fields=changed)
     return card
+
+
+_ADDRESS_FIELDS = ("line1", "line2", "city", "state", "postal_code", "country")
 
 
 async def set_primary(

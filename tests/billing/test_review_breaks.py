@@ -1,0 +1,98 @@
+"""Breaks found in review of the redesign, each shown by a test.
+
+``cards.update`` calls the gateway with no transaction open (the transaction rule), then
+saves the card it read before that call. A ``setPrimaryCard`` or ``removeCard`` that
+commits while the gateway call runs must not be undone by that save: an account never
+ends with two primaries, nor with a removed card back in use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+import pytest
+
+from billing.errors import BillingError
+from billing.models import Card
+from billing.payments import cards
+from billing.payments.gateways import CardChanges, PaymentGateway
+from tests.billing.conftest import new_account
+
+pytestmark = pytest.mark.usefixtures("domain")
+
+
+class DuringUpdate:
+    """The gateway, with ``during`` run inside its ``update_card`` call (another request
+    committing while the gateway answers)."""
+
+    def __init__(self, inner: PaymentGateway, during: Callable[[], Awaitable[object]]) -> None:
+        self.inner = inner
+        self.during = during
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def update_card(self, payment_method_id: str, changes: CardChanges) -> None:
+        await self.during()
+        await self.inner.update_card(payment_method_id, changes)
+
+
+async def two_cards(gateway: PaymentGateway) -> tuple[str, Card, Card]:
+    account_id = await new_account()
+    first = await cards.add_card(
+        gateway, account_id=account_id, payment_method_id="pm_card_visa", make_primary=True
+    )
+    second = await cards.add_card(
+        gateway, account_id=account_id, payment_method_id="pm_card_mastercard", make_primary=False
+    )
+    assert first.is_primary and not second.is_primary
+    return account_id, first, second
+
+
+async def test_update_during_set_primary_leaves_one_primary(gateway: PaymentGateway) -> None:
+    account_id, first, second = await two_cards(gateway)
+
+    async def make_second_primary() -> object:
+        return await cards.set_primary(gateway, card_id=second.id, scope_account_id=account_id)
+
+    await cards.update(
+        cast(PaymentGateway, DuringUpdate(gateway, make_second_primary)),
+        card_id=first.id,
+        scope_account_id=account_id,
+        exp_month=None,
+        exp_year=None,
+        cardholder_name="Ada Admin",
+        address=None,
+    )
+
+    primaries = await Card.filter(account_id=account_id, removed_at=None, is_primary=True)
+    assert [c.id for c in primaries] == [second.id]
+    updated = await Card.get(id=first.id)
+    assert updated.cardholder_name == "Ada Admin"
+
+
+async def test_update_during_remove_keeps_the_card_removed(gateway: PaymentGateway) -> None:
+    account_id, first, second = await two_cards(gateway)
+
+    async def remove_first() -> object:
+        return await cards.remove_card(
+            gateway, card_id=first.id, scope_account_id=account_id, is_staff=False
+        )
+
+    with pytest.raises(BillingError) as refused:
+        await cards.update(
+            cast(PaymentGateway, DuringUpdate(gateway, remove_first)),
+            card_id=first.id,
+            scope_account_id=account_id,
+            exp_month=None,
+            exp_year=None,
+            cardholder_name="Ada Admin",
+            address=None,
+        )
+    assert [e.code.value for e in refused.value.errors] == ["NOT_FOUND"]
+
+    removed = await Card.get(id=first.id)
+    assert removed.removed_at is not None and not removed.is_primary
+    active = await Card.filter(account_id=account_id, removed_at=None)
+    assert [(c.id, c.is_primary) for c in active] == [(second.id, True)]
