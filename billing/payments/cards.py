@@ -284,6 +284,9 @@ async def remove(
     """
     card = await get_card(card_id, scope_account_id)
     await posting.lock_account(card.account_id)
+    # Read again under the lock: a set-primary or removal committed since the first read
+    # counts (the card as first read may no longer be the primary, or be removed).
+    card = await get_card(card.id, scope_account_id)
     remaining = [c for c in await active_cards(card.account_id) if c.id != card.id]
     if not remaining and not is_staff:
         raise fail(

@@ -96,3 +96,31 @@ async def test_update_during_remove_keeps_the_card_removed(gateway: PaymentGatew
     assert removed.removed_at is not None and not removed.is_primary
     active = await Card.filter(account_id=account_id, removed_at=None)
     assert [(c.id, c.is_primary) for c in active] == [(second.id, True)]
+
+
+async def test_remove_after_set_primary_leaves_one_primary(
+    gateway: PaymentGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``remove`` reads the card, then takes the account lock: a set-primary committed in
+    between (shown here inside the same transaction, as PostgreSQL's read committed lets
+    another's commit be seen after the lock) must count, not the card as first read."""
+    account_id, oldest, middle = await two_cards(gateway)
+    newest = await cards.add_card(
+        gateway, account_id=account_id, payment_method_id="pm_card_amex", make_primary=False
+    )
+    real_lock = cards.posting.lock_account
+    interleaved: list[bool] = []
+
+    async def lock_after_set_primary(locked_account_id: str) -> None:
+        if not interleaved:
+            interleaved.append(True)
+            await cards.set_primary(gateway, card_id=middle.id, scope_account_id=account_id)
+        await real_lock(locked_account_id)
+
+    monkeypatch.setattr(cards.posting, "lock_account", lock_after_set_primary)
+    await cards.remove_card(gateway, card_id=oldest.id, scope_account_id=account_id, is_staff=False)
+
+    assert interleaved
+    primaries = await Card.filter(account_id=account_id, removed_at=None, is_primary=True)
+    assert [c.id for c in primaries] == [middle.id]
+    assert newest.id not in [c.id for c in primaries]
