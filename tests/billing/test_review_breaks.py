@@ -14,6 +14,7 @@ from typing import Any, cast
 import pytest
 
 from billing.errors import BillingError
+from billing.ledger import posting
 from billing.models import Card
 from billing.payments import cards
 from billing.payments.gateways import CardChanges, PaymentGateway
@@ -108,7 +109,7 @@ async def test_remove_after_set_primary_leaves_one_primary(
     newest = await cards.add_card(
         gateway, account_id=account_id, payment_method_id="pm_card_amex", make_primary=False
     )
-    real_lock = cards.posting.lock_account
+    real_lock = posting.lock_account
     interleaved: list[bool] = []
 
     async def lock_after_set_primary(locked_account_id: str) -> None:
@@ -117,7 +118,7 @@ async def test_remove_after_set_primary_leaves_one_primary(
             await cards.set_primary(gateway, card_id=middle.id, scope_account_id=account_id)
         await real_lock(locked_account_id)
 
-    monkeypatch.setattr(cards.posting, "lock_account", lock_after_set_primary)
+    monkeypatch.setattr(posting, "lock_account", lock_after_set_primary)
     await cards.remove_card(gateway, card_id=oldest.id, scope_account_id=account_id, is_staff=False)
 
     assert interleaved
