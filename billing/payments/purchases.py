@@ -130,7 +130,6 @@ async def _write_payment(order: _Purchase) -> PaymentOutcome | _Written:
         )
         if earlier is not None:
             return await describe(uuid.UUID(str(earlier.result["payment_id"])))
-        card = await _card_of(order)
         payment_id = uuid.uuid4()
         replay = await idempotency.claim(
             order.account_id,
@@ -142,6 +141,8 @@ async def _write_payment(order: _Purchase) -> PaymentOutcome | _Written:
         if replay is not None:
             return await describe(uuid.UUID(str(replay.result["payment_id"])))
         await posting.lock_account(order.account_id)
+        # The card is chosen under the lock: a card removed meanwhile is never charged.
+        card = await _card_of(order)
         account = await Account.get(id=order.account_id)
         in_flight = await credits_in_flight(order.account_id)
         if account.balance + in_flight > posting.MAX_BALANCE - order.credits:

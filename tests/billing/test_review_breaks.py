@@ -8,6 +8,7 @@ ends with two primaries, nor with a removed card back in use.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -15,10 +16,12 @@ import pytest
 
 from billing.errors import BillingError
 from billing.ledger import posting
-from billing.models import Card
-from billing.payments import cards
+from billing.models import Card, Payment
+from billing.payments import cards, purchases
 from billing.payments.gateways import CardChanges, PaymentGateway
+from billing.pricing import load_price_book
 from tests.billing.conftest import new_account
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.usefixtures("domain")
 
@@ -125,3 +128,41 @@ async def test_remove_after_set_primary_leaves_one_primary(
     primaries = await Card.filter(account_id=account_id, removed_at=None, is_primary=True)
     assert [c.id for c in primaries] == [middle.id]
     assert newest.id not in [c.id for c in primaries]
+
+
+async def test_purchase_never_charges_a_card_removed_before_the_lock(
+    gateway: PaymentGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``purchase_credits`` chose its card, then took the account lock: a removal committed
+    in between (shown inside the same transaction, as above) must stop the purchase, not
+    charge the removed card."""
+    account_id, removed, kept = await two_cards(gateway)
+    real_lock = posting.lock_account
+    interleaved: list[bool] = []
+
+    async def lock_after_removal(locked_account_id: str) -> None:
+        if not interleaved:
+            interleaved.append(True)
+            await cards.remove_card(
+                gateway, card_id=removed.id, scope_account_id=account_id, is_staff=False
+            )
+        await real_lock(locked_account_id)
+
+    monkeypatch.setattr(posting, "lock_account", lock_after_removal)
+    book = load_price_book(ROOT / "billing" / "pricebook.toml")
+    with pytest.raises(BillingError) as refused:
+        await purchases.purchase_credits(
+            gateway,
+            book,
+            account_id=account_id,
+            user_id="admin-1",
+            credits=book.min_purchase_credits,
+            card_id=removed.id,
+            card_id_given=True,
+            idempotency_key=f"buy-{uuid.uuid4()}",
+        )
+
+    assert interleaved
+    assert [e.code.value for e in refused.value.errors] == ["NOT_FOUND"]
+    assert not await Payment.exists(card_id=removed.id)
+    assert kept.id in [c.id for c in await Card.filter(account_id=account_id, removed_at=None)]
