@@ -15,10 +15,6 @@ import io
 import json
 import os
 import re
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,7 +41,7 @@ from api.graphql.schema import MAX_ALIASES, MAX_QUERY_DEPTH, MAX_TOKENS, schema
 from billing.enums import Role
 from runtime.settings import Settings
 from tests.conftest import ROOT, TEST_SECRET, WEBHOOK_SECRET
-from tests.support.gateways import free_port
+from tests.support.embedded import serve_embedded
 from tests.system.test_graphiql_browser import CHROMIUM, FLAGS
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed")
@@ -57,49 +53,8 @@ SENT: set[str] = set()
 
 
 def _serve(workdir: Path, **extra: str) -> Iterator[str]:
-    """``python -m api`` on loopback (SQLite in ``workdir``), stopped afterwards."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "DATABASE_URL": f"sqlite://{workdir / 'credits.sqlite3'}",
-        "PORT": str(port),
-        "CREDITS_JWT_SECRET": TEST_SECRET,
-        "CREDITS_ENV": "development",
-        "PAYMENT_GATEWAY": "sandbox",
-        "LOG_LEVEL": "WARNING",
-        "PERIODIC_SECONDS": "0",
-        **extra,
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "api"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"server exited: {proc.stdout.read() if proc.stdout else ''}")
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("server did not start within 60 s")
-            time.sleep(0.2)
-        yield base
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    """``python -m api`` on loopback (SQLite in ``workdir``, no cron), stopped afterwards."""
+    yield from serve_embedded(workdir / "credits.sqlite3", PERIODIC_SECONDS="0", **extra)
 
 
 @pytest.fixture(scope="module")

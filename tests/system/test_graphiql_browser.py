@@ -9,11 +9,6 @@ used). Skipped only when Chromium is absent; ``.ci/run`` installs it.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -25,8 +20,8 @@ from playwright.sync_api import ConsoleMessage, Request, Response, expect, sync_
 from api.auth import issue_token
 from billing.enums import Role
 from runtime.settings import Settings
-from tests.conftest import ROOT, TEST_SECRET
-from tests.support.gateways import free_port
+from tests.conftest import TEST_SECRET
+from tests.support.embedded import serve_embedded
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed")
@@ -43,47 +38,7 @@ FLAGS = [
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    db = tmp_path_factory.mktemp("graphiql") / "credits.sqlite3"
-    env = {
-        **os.environ,
-        "DATABASE_URL": f"sqlite://{db}",
-        "PORT": str(port),
-        "CREDITS_JWT_SECRET": TEST_SECRET,
-        "CREDITS_ENV": "development",
-        "PAYMENT_GATEWAY": "sandbox",
-        "LOG_LEVEL": "WARNING",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "api"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"server exited: {proc.stdout.read() if proc.stdout else ''}")
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("server did not start within 60 s")
-            time.sleep(0.2)
-        yield base
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    yield from serve_embedded(tmp_path_factory.mktemp("graphiql") / "credits.sqlite3")
 
 
 def _admin_token(account: str) -> str:
