@@ -46,7 +46,9 @@ INSERT INTO ledger_entry (id, account_id, created_at, type, process_type, credit
 COMMIT;
 """
 
-_LUA = """
+#: The start of every wrk script here (a format string: run, accounts, tokens): each thread
+#: numbers itself, so idempotency keys are unique across threads.
+LUA_HEAD = """
 local counter = 0
 local run = "{run}"
 local accounts = {accounts}
@@ -60,7 +62,11 @@ end
 function init(args)
   math.randomseed(os.time() * 1000 + (tid or 0))
 end
-local function item(account)
+"""
+
+_LUA = (
+    LUA_HEAD
+    + """local function item(account)
   counter = counter + 1
   return '{{"accountId":"' .. account .. '","userId":"u1","processType":"POSTCARD",' ..
     '"quantity":1,"idempotencyKey":"' .. run .. '-' .. (tid or 0) .. '-' .. counter .. '"}}'
@@ -81,6 +87,7 @@ request = function()
     ["Authorization"] = "Bearer " .. tokens[i]}}, body)
 end
 """
+)
 
 
 def lua(accounts: list[str], batch: int = 0, delay_ms: float = 0) -> str:

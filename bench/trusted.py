@@ -23,25 +23,13 @@ from typing import Any
 
 from api.trusted import read, sha256
 from bench import common
-from bench.spend import MANY, SEED, app_rate
+from bench.spend import LUA_HEAD, MANY, SEED, app_rate
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 
-_LUA = """
-local counter = 0
-local run = "{run}"
-local accounts = {accounts}
-local tokens = {tokens}
-local n = #accounts
-local threads = {{}}
-function setup(thread)
-  table.insert(threads, thread)
-  thread:set("tid", #threads)
-end
-function init(args)
-  math.randomseed(os.time() * 1000 + (tid or 0))
-end
-request = function()
+_LUA = (
+    LUA_HEAD
+    + """request = function()
   local i = math.random(n)
   counter = counter + 1
   local body = {head} .. '{{"input":{{"accountId":"' .. accounts[i] ..
@@ -51,6 +39,7 @@ request = function()
     ["Authorization"] = "Bearer " .. tokens[i]}}, body)
 end
 """
+)
 
 
 def heads() -> dict[str, str]:
